@@ -1,0 +1,203 @@
+"""params.yaml, read into typed, frozen dataclasses.
+
+Every stage calls `load_params()` first, so a typo anywhere in the file fails the first
+stage that runs, with one line naming the key, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hmnist.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+# ISIC 2018 Task 3 order; the label of an image is its index here. HAM10000 spells them in
+# lower case in the `dx` column.
+CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
+DEVICES = ("auto", "cuda", "cpu")
+BALANCE = ("loss", "sampler", "none")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "kaggle"  # "kaggle", or a path to a local copy (the Kaggle zip or its unpacked folder)
+    dataset: str = "kmader/skin-cancer-mnist-ham10000"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    size: int = 224  # side of the square cache images; 224 serves every default model without upsampling
+    workers: int = 0  # decoding processes; 0 means one per CPU core
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # any timm architecture name; resnet9 is registered by hmnist.models
+    resize: int = 224  # the model's input side; the cache is resized on the device
+    batch_size: int = 64  # effective batch: micro-batches keep it if the GPU runs out of memory
+    epochs: int = 10
+    lr: float = 5e-4  # peak AdamW learning rate, after warmup
+    weight_decay: float = 0.05
+    pretrained: bool = False  # ImageNet weights from the Hugging Face hub (or pretrained_path)
+    pretrained_path: str | None = None  # local weights file (.safetensors/.pth); no network when set
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"  # auto: CUDA when present, else CPU with a notice
+    seed: int = 0
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
+    balance: str = "loss"  # how class imbalance is handled: weighted loss, weighted sampler, or none
+    # class weight = (1 / frequency) ** balance_power. 1.0 is plain inverse frequency, which lifts
+    # balanced accuracy while wrecking plain accuracy; the square root keeps both.
+    balance_power: float = 0.5
+    label_smoothing: float = 0.1
+    augment: bool = True  # flips, rotation, random resized crop, colour jitter, all on the device
+    compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 256  # inference only: no activations kept for backward
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str
+    models: dict[str, ModelConfig]
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.models[self.model]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a YAML scalar to the annotated type, or raise a one-line error."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise UserError(f"{where} must be set (got null)")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise UserError(f"{where} must be {names}, got {value!r}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise UserError(f"unknown key '{_join(where, key)}' (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = _join(where, f.name)
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"missing key '{key}'")
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key)
+        elif typing.get_origin(tp) is dict:
+            entries = data[f.name]
+            if not isinstance(entries, dict) or not entries:
+                raise UserError(f"{key} must be a non-empty mapping of names to settings")
+            value_type = typing.get_args(tp)[1]
+            kwargs[f.name] = {str(k): _build(value_type, v, _join(key, k)) for k, v in entries.items()}
+        else:
+            kwargs[f.name] = _check_type(data[f.name], tp, key)
+    return cls(**kwargs)
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _validate(p: Params) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(p.model in p.models, f"model '{p.model}' is not one of models: {', '.join(p.models)}")
+    need(p.data.source.strip() != "", "data.source must be 'kaggle' or a path to the dataset")
+    need(p.data.dataset.count("/") == 1, f"data.dataset must be owner/name, got {p.data.dataset!r}")
+    need(p.prepare.size >= 16, f"prepare.size must be at least 16, got {p.prepare.size}")
+    need(p.prepare.workers >= 0, f"prepare.workers must be >= 0, got {p.prepare.workers}")
+    for name in ("val", "test"):
+        value = getattr(p.split, name)
+        need(0 < value < 1, f"split.{name} must be between 0 and 1 (exclusive), got {value}")
+    need(p.split.val + p.split.test < 1,
+         f"split.val + split.test must be below 1 (train gets the rest), got {p.split.val + p.split.test:g}")
+    for name, m in p.models.items():
+        where = f"models.{name}"
+        need(m.arch.strip() != "", f"{where}.arch must name a timm architecture")
+        need(m.resize >= 16, f"{where}.resize must be at least 16, got {m.resize}")
+        need(m.batch_size >= 1, f"{where}.batch_size must be at least 1, got {m.batch_size}")
+        need(m.epochs >= 1, f"{where}.epochs must be at least 1, got {m.epochs}")
+        need(m.lr > 0, f"{where}.lr must be positive, got {m.lr}")
+        need(m.weight_decay >= 0, f"{where}.weight_decay must be >= 0, got {m.weight_decay}")
+    t = p.train
+    need(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
+    need(t.balance in BALANCE, f"train.balance must be one of {', '.join(BALANCE)}, got {t.balance!r}")
+    need(0 <= t.balance_power <= 1, f"train.balance_power must be between 0 and 1, got {t.balance_power}")
+    need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    need(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be at least 1, got {p.evaluate.batch_size}")
+
+
+def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
+    try:
+        params = _build(Params, data if data is not None else {}, "")
+        _validate(params)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    return params
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate the whole params file; raises UserError naming the bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run from the project root (where dvc.yaml is)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    return parse_params(data, str(path))

@@ -1,0 +1,34 @@
+"""User-facing errors: one line on stderr and a non-zero exit, never a traceback.
+
+A stage raises `UserError` for anything the user can fix (a typo in params.yaml, a
+corrupt archive, missing credentials). Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, reported as one line."""
+
+
+def cli(main: Callable[..., object]) -> Callable[..., object]:
+    """Wrap a stage's main(): UserError -> `error: ...` and exit 2; Ctrl-C -> exit 130."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper

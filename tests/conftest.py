@@ -1,0 +1,73 @@
+"""Shared fixtures: a synthetic archive in the Kaggle layout and a throwaway DVC project.
+
+Tests shrink the real params.yaml (lightning-hydra-template style) instead of inventing one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hmnist.synthetic import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # dvc and python of the environment running the tests
+
+
+@pytest.fixture(scope="session")
+def synthetic_zip(tmp_path_factory) -> Path:
+    """84 lesions, 1-3 images each, all 7 classes, duplicate folders; 60x45 JPEGs."""
+    path = tmp_path_factory.mktemp("kaggle") / "skin-cancer-mnist-ham10000.zip"
+    write_dataset(path, n_lesions=84, images_per_lesion=(1, 3), size=(60, 45), seed=1)
+    return path
+
+
+def tiny_params(source: Path | str) -> dict:
+    """The real params.yaml, shrunk to seconds on a CPU."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = str(source)
+    params["prepare"]["size"] = 32
+    params["train"]["device"] = "cpu"
+    params["train"]["warmup_epochs"] = 0
+    params["evaluate"]["batch_size"] = 64
+    for model in params["models"].values():
+        model.update(resize=32, batch_size=32, epochs=2, pretrained=False, pretrained_path=None)
+    params["model"] = "resnet9"
+    return params
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        # CI machines have no git identity; dvc exp commits need one
+        "GIT_AUTHOR_NAME": "hmnist-tests", "GIT_AUTHOR_EMAIL": "tests@hmnist.invalid",
+        "GIT_COMMITTER_NAME": "hmnist-tests", "GIT_COMMITTER_EMAIL": "tests@hmnist.invalid",
+        **(env or {}),
+    }
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=environment)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path, synthetic_zip) -> Path:
+    """A git + DVC project with this repo's pipeline and tiny params, reading the synthetic zip."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(synthetic_zip), sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "init"], root)
+    return root
