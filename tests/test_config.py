@@ -1,0 +1,81 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from hmnist.config import CLASSES, load_params, parse_params
+from hmnist.errors import UserError
+
+
+def real() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repo_params_parse():
+    params = load_params(REPO / "params.yaml")
+    assert params.model in params.models
+    assert set(params.models) == {"deit", "swin", "resnet9"}
+    assert params.models["deit"].arch == "deit_tiny_patch16_224"
+    assert (params.models["deit"].resize, params.models["deit"].batch_size) == (224, 128)
+    assert (params.models["swin"].resize, params.models["swin"].batch_size) == (224, 64)
+    assert CLASSES == ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
+
+
+def test_params_are_frozen():
+    params = parse_params(real())
+    with pytest.raises(Exception):
+        params.split.seed = 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["split"].update(tset=0.1), "unknown key 'split.tset'"),
+    (lambda p: p.update(modle="deit"), "unknown key 'modle'"),
+    (lambda p: p["models"]["swin"].update(batchsize=8), "unknown key 'models.swin.batchsize'"),
+    (lambda p: p["split"].update(val=-0.1), "split.val must be between 0 and 1"),
+    (lambda p: p["split"].update(val=0.5, test=0.5), "split.val + split.test must be below 1"),
+    (lambda p: p["models"]["deit"].update(batch_size=0), "models.deit.batch_size must be at least 1"),
+    (lambda p: p["models"]["deit"].update(batch_size="big"), "models.deit.batch_size must be int"),
+    (lambda p: p["models"]["deit"].update(epochs=2.5), "models.deit.epochs must be int"),
+    (lambda p: p["models"]["deit"].update(pretrained="yes"), "models.deit.pretrained must be bool"),
+    (lambda p: p.update(model="vgg"), "model 'vgg' is not one of models"),
+    (lambda p: p["train"].update(device="tpu"), "train.device must be one of auto, cuda, cpu"),
+    (lambda p: p["train"].update(balance="oversample"), "train.balance must be one of"),
+    (lambda p: p["models"]["resnet9"].pop("arch"), "missing key 'models.resnet9.arch'"),
+    (lambda p: p["prepare"].update(size=8), "prepare.size must be at least 16"),
+])
+def test_bad_params_name_the_key(edit, message):
+    params = real()
+    edit(params)
+    with pytest.raises(UserError, match=None) as error:
+        parse_params(params)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_int_accepted_for_float():
+    params = real()
+    params["models"]["deit"]["lr"] = 1
+    assert parse_params(params).models["deit"].lr == 1.0
+
+
+def test_stage_rejects_typo_before_work(tmp_path):
+    params = real()
+    params["split"]["sed"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "hmnist.split"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: params.yaml: unknown key 'split.sed' (known: seed, test, val)")
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("model: [deit\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,117 @@
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from hmnist.config import ModelConfig
+from hmnist.errors import UserError
+from hmnist.models import create_model, data_config, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+ARCHS = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224", "resnet9": "resnet9"}
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_forward_backward(name):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch=ARCHS[name], resize=64))
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_resnet9_is_a_timm_model_of_any_size():
+    assert "resnet9" in timm.list_models()
+    model = timm.create_model("resnet9", num_classes=7)
+    for size in (32, 96, 225):
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 7)
+    assert data_config(model) == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+def test_pretrained_path_loads_local_weights(tmp_path):
+    # an "ImageNet" checkpoint: 1000 classes at 224, saved the way the hub ships them
+    torch.manual_seed(1)
+    source = timm.create_model("deit_tiny_patch16_224", num_classes=1000)
+    path = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=224, pretrained=True,
+                                     pretrained_path=str(path)))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert model.head.out_features == 7  # the 1000-class head was dropped, not loaded
+    scratch = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=224, pretrained=False,
+                                       pretrained_path=str(path)))
+    assert not torch.equal(scratch.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_pretrained_path_resamples_position_embedding(tmp_path):
+    source = timm.create_model("deit_tiny_patch16_224", num_classes=1000)
+    path = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=64, pretrained=True,
+                                     pretrained_path=str(path)))
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_missing_or_bad_weights_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        create_model(ModelConfig(arch="resnet9", pretrained=True, pretrained_path=str(tmp_path / "no.pth")))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not weights")
+    with pytest.raises(UserError, match="cannot load weights for deit_tiny_patch16_224"):
+        create_model(ModelConfig(arch="deit_tiny_patch16_224", pretrained=True, pretrained_path=str(bad)))
+
+
+def test_unknown_arch():
+    with pytest.raises(UserError, match="unknown architecture 'vit_huge_typo'"):
+        create_model(ModelConfig(arch="vit_huge_typo"))
+
+
+def test_resnet9_has_no_imagenet_weights():
+    with pytest.raises(UserError, match="no ImageNet weights for resnet9"):
+        create_model(ModelConfig(arch="resnet9", pretrained=True))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hugging Face hub (127.0.0.1:9"),
+])
+def test_hub_unreachable_is_one_clear_line(tmp_path, env, message):
+    # a fresh process: huggingface_hub reads its settings at import
+    code = ("from hmnist.models import create_model; from hmnist.config import ModelConfig; "
+            "from hmnist.errors import cli; "
+            "cli(lambda: create_model(ModelConfig(arch='deit_tiny_patch16_224', pretrained=True)))()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path), **env})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "pretrained_path" in lines[0], result.stderr
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = ModelConfig(arch="resnet9", resize=32)
+    model = create_model(config).eval()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, {"model_config": {**config.__dict__}, "classes": list("abcdefg")})
+    checkpoint = load_checkpoint(path)
+    again = model_from_checkpoint(checkpoint)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), again(x))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="not a readable hmnist checkpoint"):
+        load_checkpoint(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(UserError, match="not an hmnist checkpoint"):
+        load_checkpoint(foreign)
