@@ -70,6 +70,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: nn.Module,
+                   loss_weights: torch.Tensor | None, batch: torch.Tensor, micro_batches: int,
+                   device: torch.device) -> float:
+    """Accumulate the gradient of one batch's mean loss over `micro_batches` forward passes.
+
+    Each micro-batch's summed loss is divided by the whole batch's weight (what a weighted
+    mean-reduced cross-entropy divides by), so the gradient is the full batch's, exactly,
+    for models without batch statistics.
+    """
+    labels = targets[batch]
+    total_weight = loss_weights[labels].sum() if loss_weights is not None else len(batch)
+    total = 0.0
+    for chunk in batch.tensor_split(micro_batches):
+        x = inputs(chunk)
+        with autocast(device):  # the forward pass only; the loss is taken in fp32
+            logits = model(x)
+        loss = criterion(logits.float(), targets[chunk]).sum() / total_weight
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 @dataclass
 class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
@@ -117,8 +139,8 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
     augment = Augment(generator) if tc.augment else None
 
     weights = class_weights(labels[train_rows], tc.balance_power).to(device)
-    criterion = nn.CrossEntropyLoss(weight=weights if tc.balance == "loss" else None,
-                                    label_smoothing=tc.label_smoothing)
+    loss_weights = weights if tc.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=tc.label_smoothing, reduction="none")
     sample_weights = weights[train_labels] if tc.balance == "sampler" else None
 
     batch_size = min(config.batch_size, len(train_rows))
@@ -144,22 +166,18 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
             for record in history.epochs:  # DVC deleted the old plots: write them again
                 _log(live, record)
 
+    def inputs(rows: torch.Tensor) -> torch.Tensor:
+        return normalize(train_images[rows], augment)
+
     def step(batch: torch.Tensor) -> float:
         nonlocal accum
         while True:
             try:
-                total = 0.0
-                for chunk in batch.tensor_split(accum):
-                    x = normalize(train_images[chunk], augment)
-                    with autocast(device):
-                        logits = step_model(x)
-                    loss = criterion(logits.float(), train_labels[chunk]) * (len(chunk) / len(batch))
-                    loss.backward()
-                    total += loss.item()
+                loss = backward_batch(step_model, inputs, train_labels, criterion, loss_weights, batch, accum, device)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
-                return total
+                return loss
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()

@@ -1,0 +1,185 @@
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from conftest import tiny_params
+from hmnist.config import ModelConfig, parse_params
+from hmnist.engine import Augment, Normalize, epoch_batches
+from hmnist.errors import UserError
+from hmnist.models import create_model
+from hmnist.prepare import load_prepared, prepare
+from hmnist.split import split_lesions
+from hmnist import train as train_module
+from hmnist.train import backward_batch, class_weights, lr_lambda, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, synthetic_zip):
+    folder = tmp_path_factory.mktemp("prepared")
+    prepare(synthetic_zip, folder, size=32, workers=1, progress=False)
+    images, index = load_prepared(folder)
+    split = split_lesions(index.astype(str), parse_params(tiny_params(synthetic_zip)).split)
+    return np.asarray(images), index, split
+
+
+def params_for(synthetic_zip, **model):
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"].update(model)
+    return parse_params(raw)
+
+
+def test_normalize_matches_definition():
+    norm = Normalize(8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), torch.device("cpu"))
+    batch = torch.full((2, 16, 16, 3), 153, dtype=torch.uint8)  # 0.6 everywhere
+    x = norm(batch)
+    assert x.shape == (2, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
+    expected = [(0.6 - 0.5) / 0.2, (0.6 - 0.4) / 0.25, (0.6 - 0.3) / 0.5]
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected), atol=1e-5)
+
+
+def test_augment_is_seeded_random_and_bounded():
+    images = torch.randint(0, 256, (8, 3, 32, 32)).float()
+    first = Augment(torch.Generator().manual_seed(0))(images)
+    again = Augment(torch.Generator().manual_seed(0))(images)
+    other = Augment(torch.Generator().manual_seed(1))(images)
+    assert first.shape == images.shape and torch.isfinite(first).all()
+    assert first.min() >= 0 and first.max() <= 255
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    assert not torch.allclose(first, images)
+
+
+def test_class_weights():
+    labels = np.array([1] * 90 + [0] * 9 + [5])
+    assert torch.allclose(class_weights(labels, 0.0)[[0, 1, 5]], torch.ones(3))
+    inverse = class_weights(labels, 1.0)
+    assert inverse[5] / inverse[1] == pytest.approx(90) and inverse[2] == 0
+    sqrt = class_weights(labels, 0.5)
+    assert sqrt[5] / sqrt[1] == pytest.approx(90 ** 0.5, rel=1e-5)
+    mean_sample_weight = (sqrt[labels]).mean()
+    assert mean_sample_weight == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lr_lambda(10, 100)
+    values = [f(s) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:])) and values[-1] < 0.01
+
+
+def test_weighted_sampler_batches_cover_epoch():
+    g = torch.Generator().manual_seed(0)
+    batches = list(epoch_batches(100, 32, g))
+    assert [len(b) for b in batches] == [32, 32, 32]
+    assert len(set(torch.cat(batches).tolist())) == 96
+    weights = torch.tensor([100.0] + [0.0] * 99)
+    assert set(torch.cat(list(epoch_batches(100, 32, g, weights))).tolist()) == {0}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_micro_batches_give_the_full_batch_gradient(weighted):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=32))  # no batch statistics
+    images = torch.randn(12, 3, 32, 32)
+    targets = torch.tensor([0, 1, 1, 1, 2, 3, 1, 1, 4, 5, 6, 1])
+    weights = class_weights(targets.numpy(), 0.5) if weighted else None
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1, reduction="none")
+    reference = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)(model(images), targets)
+    grads = []
+    for micro in (1, 4):
+        model.zero_grad()
+        loss = backward_batch(model, lambda rows: images[rows], targets, criterion, weights,
+                              torch.arange(12), micro, torch.device("cpu"))
+        assert loss == pytest.approx(reference.item(), rel=1e-5)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for full, accumulated in zip(*grads):
+        assert torch.allclose(full, accumulated, atol=1e-6)
+
+
+def test_training_learns_and_is_repeatable(data, synthetic_zip):
+    images, index, split = data
+    params = params_for(synthetic_zip, epochs=6, lr=3e-3)
+    _, meta = train(params, images, index, split)
+    _, again = train(params, images, index, split)
+    assert meta["val_balanced_accuracy"] == again["val_balanced_accuracy"]
+    assert meta["val_accuracy"] == again["val_accuracy"]
+    # the synthetic classes are learnable: well above chance (1/7) on unseen lesions
+    assert meta["val_balanced_accuracy"] > 0.4
+    assert meta["classes"] == ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"]
+    assert meta["input_size"] == 32 and meta["prepare_size"] == 32
+
+
+def test_out_of_memory_falls_back_to_micro_batches(data, synthetic_zip, monkeypatch, capsys):
+    images, index, split = data
+    real_create = train_module.create_model
+
+    class SmallGpu(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            if self.training and len(x) > 8:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.inner(x)
+
+    monkeypatch.setattr(train_module, "create_model", lambda config: SmallGpu(real_create(config)))
+    monkeypatch.setattr(train_module, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    _, meta = train(params_for(synthetic_zip, epochs=1, batch_size=32), images, index, split)
+    assert meta["micro_batches"] == 4 and meta["effective_batch_size"] == 32
+    assert "out of GPU memory at batch 32; continuing with 2 micro-batches" in capsys.readouterr().err
+
+
+def test_out_of_memory_at_micro_batch_one_is_a_user_error(data, synthetic_zip, monkeypatch):
+    images, index, split = data
+    real_create = train_module.create_model
+
+    class NoGpu(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            if self.training:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return self.inner(x)
+
+    monkeypatch.setattr(train_module, "create_model", lambda config: NoGpu(real_create(config)))
+    monkeypatch.setattr(train_module, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    with pytest.raises(UserError, match="out of GPU memory even with micro-batches of 1"):
+        train(params_for(synthetic_zip, epochs=1, batch_size=4), images, index, split)
+
+
+def test_interrupted_run_resumes_to_the_same_result(data, synthetic_zip, tmp_path, monkeypatch):
+    images, index, split = data
+    params = params_for(synthetic_zip, epochs=3)
+    _, uninterrupted = train(params, images, index, split)
+
+    resume = tmp_path / "resume.pt"
+    real_evaluate = train_module.evaluate_split
+    calls = {"n": 0}
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_split", interrupt_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(params, images, index, split, resume_path=resume)
+    assert resume.exists()
+    monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
+    model, resumed = train(params, images, index, split, resume_path=resume)
+    assert resumed["val_balanced_accuracy"] == uninterrupted["val_balanced_accuracy"]
+    assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+
+
+def test_split_mismatch_is_reported(data, synthetic_zip):
+    images, index, split = data
+    with pytest.raises(UserError, match="does not match"):
+        train(params_for(synthetic_zip), images, index, split.iloc[:-3])
