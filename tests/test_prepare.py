@@ -1,0 +1,283 @@
+"""Stage prepare: the decoded cache, its agreement with decode_image, and every input error."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+import hmnist.prepare as prepare_module
+from hmnist.config import CLASSES
+from hmnist.errors import UserError
+from hmnist.prepare import decode_image, load_prepared, prepare
+from hmnist.synthetic import METADATA, image_folder
+
+from conftest import tiny_params
+
+SIZE = 32
+
+
+def metadata(archive: Path) -> pd.DataFrame:
+    with zipfile.ZipFile(archive) as f:
+        return pd.read_csv(io.BytesIO(f.read(METADATA)))
+
+
+def member(image_id: str) -> str:
+    return f"{image_folder(image_id)}/{image_id}.jpg"
+
+
+def rewrite(src: Path, dest: Path, replace: dict[str, bytes] | None = None, drop=()) -> Path:
+    """A copy of the zip src with some members replaced or left out."""
+    replace = replace or {}
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dest, "w") as new:
+        for name in old.namelist():
+            if name not in drop:
+                new.writestr(name, replace.get(name) or old.read(name))
+    return dest
+
+
+def jpeg(colour, size=(60, 45)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def assert_no_output(out: Path) -> None:
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left == [], f"left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_zip, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(synthetic_zip, out, size=SIZE, workers=1)
+    return out
+
+
+def test_cache_shape_order_and_labels(prepared, synthetic_zip):
+    images, index = load_prepared(prepared)
+    meta = metadata(synthetic_zip).sort_values("image_id").reset_index(drop=True)
+    assert isinstance(images, np.memmap) and images.mode == "r"
+    assert images.shape == (len(meta), SIZE, SIZE, 3) and images.dtype == np.uint8
+    assert list(index.columns) == ["image_id", "lesion_id", "dx", "label"]
+    assert index["image_id"].tolist() == meta["image_id"].tolist()  # sorted, one row per image
+    assert index["lesion_id"].tolist() == meta["lesion_id"].tolist()
+    assert index["label"].tolist() == [CLASSES.index(dx) for dx in meta["dx"]]
+    assert set(index["dx"]) == set(CLASSES)
+    assert images.std() > 0  # not left as zeros
+
+
+def test_stage_pixels_equal_decode_image(prepared, synthetic_zip):
+    images, index = load_prepared(prepared)
+    with zipfile.ZipFile(synthetic_zip) as archive:
+        for i, image_id in enumerate(index["image_id"]):
+            np.testing.assert_array_equal(images[i], decode_image(archive.read(member(image_id)), SIZE))
+
+
+def test_one_and_two_workers_write_identical_files(prepared, synthetic_zip, tmp_path):
+    prepare(synthetic_zip, tmp_path, size=SIZE, workers=2)
+    for name in ("images.npy", "index.csv"):
+        assert (tmp_path / name).read_bytes() == (prepared / name).read_bytes(), name
+
+
+def test_upper_case_folder_wins_and_each_image_is_read_once(synthetic_zip, tmp_path, monkeypatch):
+    # The lower-case copies hold a different (black) image: any pixel from them shows up.
+    with zipfile.ZipFile(synthetic_zip) as archive:
+        names = archive.namelist()
+    black = {n: jpeg((0, 0, 0)) for n in names if n.startswith("ham10000_images_part")}
+    archive = rewrite(synthetic_zip, tmp_path / "dup.zip", replace=black)
+    reads: list[str] = []
+    original_read = zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, pwd=None: reads.append(name) or original_read(self, name, pwd))
+    prepare(archive, tmp_path / "out", size=SIZE, workers=1)  # in-process, so every read is seen
+    image_reads = [r for r in reads if r != METADATA]
+    images, index = load_prepared(tmp_path / "out")
+    assert sorted(image_reads) == sorted(member(i) for i in index["image_id"])
+    assert (images.reshape(len(images), -1).max(axis=1) > 60).all()  # none is the black copy
+
+
+def test_lower_case_copy_used_when_upper_case_is_absent(synthetic_zip, tmp_path):
+    image_id = metadata(synthetic_zip)["image_id"].iloc[3]
+    upper = member(image_id)
+    lower = upper.replace("HAM10000_images", "ham10000_images")
+    archive = rewrite(synthetic_zip, tmp_path / "lower.zip", replace={lower: jpeg((0, 0, 255))}, drop=[upper])
+    prepare(archive, tmp_path / "out", size=SIZE, workers=1)
+    images, index = load_prepared(tmp_path / "out")
+    blue = images[index["image_id"].tolist().index(image_id)]
+    assert blue[..., 2].min() > 200 and blue[..., 0].max() < 60
+
+
+def test_decode_image_squashes_the_whole_field_of_view():
+    # a 600x450 frame whose outer 10% columns are red: a centre crop would lose them
+    frame = np.full((450, 600, 3), 255, np.uint8)
+    frame[:, :60] = frame[:, -60:] = (255, 0, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=95)
+    pixels = decode_image(buffer.getvalue(), 224)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8 and pixels.flags.writeable
+    for column in (pixels[:, 5], pixels[:, -5]):
+        assert (column[:, 0] > 200).all() and (column[:, 1] < 60).all()
+    assert (pixels[:, 112] > 200).all()  # the white middle stays white
+
+
+@pytest.mark.parametrize("data", [b"not an image", jpeg((9, 9, 9))[:300]], ids=["garbage", "truncated"])
+def test_decode_image_rejects_undecodable_data(data):
+    with pytest.raises(ValueError, match=r"\w"):
+        decode_image(data, SIZE)
+
+
+# ---- bad input: one UserError naming the problem, and no output -----------------------------
+
+def _missing(src, dest):
+    return dest
+
+
+def _not_a_zip(src, dest):
+    dest.write_text("<html>Kaggle says: please log in</html>")
+    return dest
+
+
+def _truncated(src, dest):
+    data = src.read_bytes()
+    dest.write_bytes(data[: len(data) // 2])
+    return dest
+
+
+def _no_metadata(src, dest):
+    return rewrite(src, dest, drop=[METADATA])
+
+
+def _no_dx_column(src, dest):
+    csv = metadata(src).drop(columns="dx").to_csv(index=False).encode()
+    return rewrite(src, dest, replace={METADATA: csv})
+
+
+def _unknown_dx(src, dest):
+    meta = metadata(src)
+    meta.loc[5, "dx"] = "melanoma"
+    return rewrite(src, dest, replace={METADATA: meta.to_csv(index=False).encode()})
+
+
+def _duplicate_ids(src, dest):
+    meta = metadata(src)
+    meta = pd.concat([meta, meta.iloc[[2]]])
+    return rewrite(src, dest, replace={METADATA: meta.to_csv(index=False).encode()})
+
+
+def _absent_images(src, dest):
+    ids = sorted(metadata(src)["image_id"])[:7]
+    gone = [member(i) for i in ids] + [member(i).replace("HAM10000_images", "ham10000_images") for i in ids]
+    return rewrite(src, dest, drop=gone)
+
+
+def _corrupt_jpeg(src, dest):
+    image_id = sorted(metadata(src)["image_id"])[-1]  # the last one: the others decode first
+    return rewrite(src, dest, replace={member(image_id): b"\xff\xd8\xff\xe0 this is not a JPEG"})
+
+
+def _damaged_member(src, dest):
+    """Bytes flipped inside one stored image: the zip directory is intact, the CRC check fails."""
+    image_id = sorted(metadata(src)["image_id"])[-1]
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as archive:
+        info = archive.getinfo(member(image_id))
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # 30: the local header
+    data[start + 100:start + 110] = bytes(10)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def _damaged_message(src):
+    image_id = sorted(metadata(src)["image_id"])[-1]
+    return rf"cannot read {member(image_id)} \(image {image_id}\) from .*Bad CRC-32.*download it again$"
+
+
+def _corrupt_message(src):
+    image_id = sorted(metadata(src)["image_id"])[-1]
+    return rf"cannot decode image {image_id} \({member(image_id)} in "
+
+
+BAD_INPUTS = {
+    "missing": (_missing, lambda src: r"not found: run the download stage first"),
+    "not_a_zip": (_not_a_zip, lambda src: r"is not a zip archive"),
+    "truncated": (_truncated, lambda src: r"is truncated or damaged .*download it again"),
+    "no_metadata": (_no_metadata, lambda src: rf"{METADATA} not found in the archive"),
+    "no_dx_column": (_no_dx_column, lambda src: r"lacks column\(s\) dx: it needs image_id, lesion_id, dx \(has lesion_id, image_id, dx_type"),
+    "unknown_dx": (_unknown_dx, lambda src: r"unknown dx label\(s\) 'melanoma' \(e\.g\. image ISIC_\d+\); known: mel, nv, bcc, akiec, bkl, df, vasc$"),
+    "duplicate_ids": (_duplicate_ids, lambda src: r"lists 1 image_id\(s\) more than once: ISIC_\d+$"),
+    "absent_images": (_absent_images, lambda src: r"^7 image\(s\) listed in HAM10000_metadata.csv are not in the archive .*: "
+                                                  r"ISIC_0024306, ISIC_0024307, ISIC_0024308, ISIC_0024309, ISIC_0024310 and 2 more$"),
+    "corrupt_jpeg": (_corrupt_jpeg, _corrupt_message),
+    "damaged_member": (_damaged_member, _damaged_message),
+}
+
+
+# errors found while decoding come from the pool's workers too
+@pytest.mark.parametrize("case, workers", [(case, 1) for case in BAD_INPUTS] + [("corrupt_jpeg", 2), ("damaged_member", 2)])
+def test_bad_input_raises_user_error_and_leaves_no_output(case, workers, synthetic_zip, tmp_path):
+    make, message = BAD_INPUTS[case]
+    archive = make(synthetic_zip, tmp_path / "skin-cancer-mnist-ham10000.zip")
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "images.npy").write_bytes(b"a previous run's output")  # must not survive a failed run
+    with pytest.raises(UserError, match=message(synthetic_zip)) as error:
+        prepare(archive, out, size=SIZE, workers=workers)
+    assert "\n" not in str(error.value)
+    assert_no_output(out)
+
+
+def test_interrupted_run_leaves_no_output(synthetic_zip, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted(data, size):
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return decode_image(data, size)
+
+    monkeypatch.setattr(prepare_module, "decode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(synthetic_zip, tmp_path, size=SIZE, workers=1)
+    assert_no_output(tmp_path)
+
+
+# ---- the command line -----------------------------------------------------------------------
+
+def run_stage(cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hmnist.prepare"], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture
+def stage_dir(tmp_path, synthetic_zip) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(synthetic_zip), sort_keys=False))
+    (tmp_path / "data/raw").mkdir(parents=True)
+    return tmp_path
+
+
+def test_cli_writes_the_cache(stage_dir, synthetic_zip, prepared):
+    shutil.copy(synthetic_zip, stage_dir / "data/raw/skin-cancer-mnist-ham10000.zip")
+    result = run_stage(stage_dir)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (stage_dir / "data/prepared").iterdir()) == ["images.npy", "index.csv"]
+    for name in ("images.npy", "index.csv"):  # params.yaml's size is the tests' SIZE
+        assert (stage_dir / "data/prepared" / name).read_bytes() == (prepared / name).read_bytes()
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "unknown_dx", "corrupt_jpeg"])
+def test_cli_reports_bad_input_in_one_line(case, stage_dir, synthetic_zip):
+    make, message = BAD_INPUTS[case]
+    make(synthetic_zip, stage_dir / "data/raw/skin-cancer-mnist-ham10000.zip")
+    result = run_stage(stage_dir)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not (stage_dir / "data/prepared/images.npy").exists()
