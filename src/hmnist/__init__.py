@@ -1,0 +1,24 @@
+"""Reproducible HAM10000 skin-lesion classification (DeiT, Swin, ResNet9), orchestrated by DVC.
+
+    import hmnist
+    model = hmnist.load("models/model.pt")        # device="auto" | "cuda" | "cpu"
+    frame = model.predict(["new_images/"])         # ISIC 2018 columns: image, MEL, NV, ...
+
+Importing the package imports nothing heavy: torch and timm load on the first `load`.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hmnist.predict import Predictor
+
+__all__ = ["load"]
+
+
+def load(checkpoint: str | os.PathLike, device: str = "auto") -> Predictor:
+    """A trained checkpoint (from the train stage), ready to `.predict(paths)`."""
+    from hmnist.predict import Predictor
+
+    return Predictor(checkpoint, device)

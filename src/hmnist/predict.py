@@ -1,0 +1,278 @@
+"""Classify new images with a trained checkpoint; write an ISIC 2018 Task 3 submission file.
+
+    hmnist predict --checkpoint models/model.pt PATH... [--out predictions.csv]
+    python -m hmnist.predict --checkpoint models/model.pt PATH...     (the same arguments)
+
+PATH is any mix of image files and folders; folders are searched recursively for JPEG and
+PNG files (.jpg, .jpeg, .png, any case), skipping hidden files and folders as a shell glob
+does. Preprocessing comes from the checkpoint alone: each image is decoded by
+`prepare.decode_image` at the checkpoint's prepare_size, the function that built the cache the
+model was evaluated on, then resized and normalised on the device exactly as in evaluation.
+
+From Python:
+
+    import hmnist
+    model = hmnist.load("models/model.pt")
+    frame = model.predict(["new_images/"], batch_size=64, tta=False, skip_bad=False)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from hmnist.config import CLASSES, DEVICES
+from hmnist.errors import UserError, cli
+
+# torch, timm and pandas are imported where they are used: together they take seconds to
+# import, and `hmnist --help` or a typo in a PATH should not wait for them.
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Decoding threads: PIL releases the GIL while it decodes, and a few threads keep up with a
+# GPU on HAM10000-sized JPEGs. More would mostly hold more decoded batches in memory.
+DECODE_THREADS = min(4, os.cpu_count() or 1)
+SKIP_HINT = "skip unreadable files with --skip-bad"
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files named by `paths` (files, or folders searched recursively), sorted, deduplicated.
+
+    A file named explicitly is kept whatever its extension (decoding will say if it is not an
+    image); in folders only .jpg, .jpeg and .png files count.
+    """
+    found: dict[str, Path] = {}  # real path -> the path as the user spelled it, first seen wins
+    searched = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            searched.append(str(path))
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+                for name in names:
+                    if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                        file = Path(folder, name)
+                        found.setdefault(os.path.realpath(file), file)
+        elif path.exists():
+            found.setdefault(os.path.realpath(path), path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    if not found:
+        where = ", ".join(searched) if searched else "the given paths"
+        raise UserError(f"no JPEG or PNG images (.jpg, .jpeg, .png) found in {where}")
+    return sorted(found.values(), key=str)
+
+
+def check_unique_names(files: Sequence[Path]) -> None:
+    """The submission names each image by its file name without extension: those must be unique."""
+    seen: dict[str, Path] = {}
+    for file in files:
+        if file.stem in seen:
+            raise UserError(f"two inputs would both be image '{file.stem}' in the submission: "
+                            f"{seen[file.stem]} and {file}; rename or leave out one of them")
+        seen[file.stem] = file
+
+
+def read_image(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    """(size x size x 3 uint8 image, None), or (None, why it cannot be read)."""
+    from hmnist.prepare import decode_image
+
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, "not a JPEG or PNG file: its name does not end in .jpg, .jpeg or .png"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, f"cannot read it: {e.strerror or e}"
+    try:
+        return decode_image(data, size), None
+    except ValueError as e:
+        reason = str(e)
+        if "cannot identify image file" in reason:  # PIL's words, with a BytesIO repr in them
+            reason = "not an image, or in a format PIL cannot read"
+        return None, f"cannot decode it as an image: {reason}"
+
+
+class Predictor:
+    """A trained checkpoint ready to classify image files; made by `hmnist.load(path)`."""
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto"):
+        import torch
+
+        from hmnist.engine import Normalize, memory_format, resolve_device
+        from hmnist.models import load_checkpoint, model_from_checkpoint
+
+        if device not in DEVICES:
+            raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device cuda was asked for but no CUDA GPU is visible: use auto or cpu")
+        self.checkpoint_path = Path(checkpoint)
+        state = load_checkpoint(self.checkpoint_path)
+        try:
+            self.classes = list(state["classes"])
+            self.model_name, self.arch = str(state["model_name"]), str(state["arch"])
+            self.input_size, self.prepare_size = int(state["input_size"]), int(state["prepare_size"])
+            mean, std = tuple(state["mean"]), tuple(state["std"])
+            model = model_from_checkpoint(state)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            # right format tag but missing fields or mismatched weights: damaged, or edited by hand
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{self.checkpoint_path} is a damaged hmnist checkpoint: "
+                            f"{type(e).__name__} {detail}".rstrip()) from None
+        if tuple(self.classes) != CLASSES:
+            # the submission's columns are ISIC 2018's classes in ISIC 2018's order
+            raise UserError(f"{self.checkpoint_path} predicts classes {', '.join(self.classes)}, "
+                            f"not the ISIC 2018 ones ({', '.join(CLASSES)})")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).to(memory_format=memory_format(self.device))
+        self.normalize = Normalize(self.input_size, mean, std, self.device)
+
+    def __repr__(self) -> str:
+        return (f"Predictor({self.model_name}: {self.arch} at {self.input_size}px, "
+                f"from {self.checkpoint_path}, on {self.device})")
+
+    def predict(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
+                tta: bool = False, skip_bad: bool = False, progress: bool | None = False) -> pd.DataFrame:
+        """Probabilities for every image in `paths`, in the ISIC 2018 submission format.
+
+        Columns image, MEL, NV, BCC, AKIEC, BKL, DF, VASC; one row per image, sorted by image
+        (the file name without extension). `tta` averages the four flips. With `skip_bad`, files
+        that cannot be decoded are left out with a warning on stderr and listed in
+        `frame.attrs["skipped"]`; without it the first one raises UserError.
+        `progress=None` shows a bar only on a terminal.
+        """
+        import torch
+        from tqdm import tqdm
+
+        from hmnist.engine import predict_probs
+        from hmnist.evaluate import submission_frame
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        files = find_images(paths)
+        check_unique_names(files)
+
+        names, probs, skipped = [], [], []
+        bar = tqdm(total=len(files), desc="predict", unit="img",
+                   disable=None if progress is None else not progress)
+        with bar, ThreadPoolExecutor(DECODE_THREADS) as pool, \
+                closing(self._decoded_batches(files, batch_size, pool)) as batches:
+            for batch in batches:
+                good = []
+                for path, (image, reason) in batch:
+                    if reason is None:
+                        good.append((path, image))
+                        continue
+                    if not skip_bad:
+                        raise UserError(f"{path}: {reason} ({SKIP_HINT})")
+                    tqdm.write(f"warning: skipping {path}: {reason}", file=sys.stderr)
+                    skipped.append(str(path))
+                if good:
+                    images = torch.from_numpy(np.stack([image for _, image in good]))
+                    probs.append(predict_probs(self.model, images, self.normalize, len(good), self.device, tta=tta))
+                    names += [path.stem for path, _ in good]
+                bar.update(len(batch))
+        if not names:
+            raise UserError(f"none of the {len(files)} input file(s) could be read as an image")
+        frame = submission_frame(names, np.concatenate(probs))
+        frame.attrs["skipped"] = skipped
+        return frame
+
+    def _decoded_batches(self, files: list[Path], batch_size: int, pool: ThreadPoolExecutor
+                         ) -> Iterator[list[tuple[Path, tuple[np.ndarray | None, str | None]]]]:
+        """Batches of (path, read_image result), decoded by `pool` one batch ahead of the model.
+
+        At most two batches of decoded images exist at once, whatever the number of files.
+        """
+        def submit(start: int) -> list[tuple[Path, Future]]:
+            return [(path, pool.submit(read_image, path, self.prepare_size))
+                    for path in files[start:start + batch_size]]
+
+        ahead = submit(0)
+        try:
+            for start in range(0, len(files), batch_size):
+                current, ahead = ahead, submit(start + batch_size)
+                yield [(path, future.result()) for path, future in current]
+        finally:
+            for _, future in ahead:  # on an error, do not decode a batch nobody will use
+                future.cancel()
+
+
+def write_submission(frame: pd.DataFrame, out: str) -> None:
+    """The CSV to `out` ("-" for stdout), written under a temporary name and renamed when complete."""
+    if out == "-":
+        frame.to_csv(sys.stdout, index=False, lineterminator="\n")
+        return
+    path = Path(out)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(partial, index=False, lineterminator="\n")
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="image files and folders (searched recursively for .jpg, .jpeg, .png)")
+    parser.add_argument("--checkpoint", required=True, help="a model saved by the train stage, e.g. models/model.pt")
+    parser.add_argument("--out", default="predictions.csv",
+                        help="the ISIC 2018 submission CSV to write; - for stdout (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: %(default)s)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: CUDA when present, else the CPU (default: %(default)s)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the four flips of each image (4x slower)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip files that cannot be decoded, with a warning, instead of stopping")
+
+
+def run(args: argparse.Namespace) -> None:
+    files = find_images(args.paths)  # before loading the model: a typo fails in a blink
+    check_unique_names(files)
+    predictor = Predictor(args.checkpoint, args.device)
+    frame = predictor.predict(files, args.batch_size, tta=args.tta, skip_bad=args.skip_bad, progress=None)
+    write_submission(frame, args.out)
+    report = sys.stderr if args.out == "-" else sys.stdout  # stdout may be the CSV itself
+    skipped = frame.attrs["skipped"]
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that could not be read as images:", file=sys.stderr)
+        for path in skipped:
+            print(f"  {path}", file=sys.stderr)
+    where = "stdout" if args.out == "-" else args.out
+    print(f"{predictor.model_name} ({predictor.arch}) classified {len(frame)} image(s){' with TTA' if args.tta else ''}: "
+          f"wrote {where}", file=report)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hmnist.predict", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

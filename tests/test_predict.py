@@ -1,0 +1,293 @@
+"""predict: the submission file, agreement with the evaluate stage, the CLI, the API, bad inputs.
+
+A tiny ResNet9 is trained once for the module by running the real stages on the synthetic zip.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import hmnist
+from hmnist import predict as predict_module
+from hmnist.config import CLASSES
+from hmnist.errors import UserError
+from hmnist.synthetic import image_folder
+
+from conftest import BIN, run, tiny_params
+
+HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
+ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_zip, tmp_path_factory) -> Path:
+    """A project dir after prepare, split, train and evaluate (no dvc needed)."""
+    root = tmp_path_factory.mktemp("predict_project")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(synthetic_zip), sort_keys=False))
+    (root / ARCHIVE).parent.mkdir(parents=True)
+    shutil.copy(synthetic_zip, root / ARCHIVE)
+    for stage in ("prepare", "split", "train", "evaluate"):
+        run([sys.executable, "-m", f"hmnist.{stage}"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return hmnist.load(trained / "models/model.pt", device="cpu")
+
+
+def image_bytes(archive: Path, image_id: str) -> bytes:
+    with zipfile.ZipFile(archive) as f:
+        return f.read(f"{image_folder(image_id)}/{image_id}.jpg")
+
+
+def extract(trained: Path, image_ids: list[str], dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = [dest / f"{image_id}.jpg" for image_id in image_ids]
+    for image_id, path in zip(image_ids, paths):
+        path.write_bytes(image_bytes(trained / ARCHIVE, image_id))
+    return paths
+
+
+def split_ids(trained: Path, name: str) -> list[str]:
+    split = pd.read_csv(trained / "data/split.csv", dtype=str)
+    return sorted(split.loc[split["split"] == name, "image_id"])
+
+
+def first_jpeg(folder: Path) -> Path:
+    return min(p for p in folder.glob("*.jpg") if not p.name.startswith("."))
+
+
+def assert_submission(frame: pd.DataFrame, images: list[str]) -> None:
+    assert list(frame.columns) == HEADER.split(",")
+    assert frame["image"].tolist() == sorted(images)
+    probs = frame[[c.upper() for c in CLASSES]].to_numpy()
+    assert ((probs >= 0) & (probs <= 1)).all()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def assert_user_error(result_or_capture, code: int, *fragments: str) -> str:
+    """Exit 2, a single `error:` line naming `fragments` on stderr, no traceback."""
+    stderr = result_or_capture.stderr if hasattr(result_or_capture, "stderr") else result_or_capture
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert stderr.rstrip().endswith(errors[0])
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def main_error(capsys, *argv: str) -> str:
+    """Run `python -m hmnist.predict` in this process; return its one error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict_module.main(list(argv))
+    return assert_user_error(capsys.readouterr().err, exit_info.value.code)
+
+
+@pytest.fixture
+def images(trained, tmp_path) -> Path:
+    """Nested folders of JPEGs (upper- and lower-case extensions), a PNG, and files to ignore."""
+    ids = split_ids(trained, "train")[:7]
+    folder = tmp_path / "images"
+    extract(trained, ids[:3], folder)
+    extract(trained, ids[3:5], folder / "a" / "b")
+    (folder / "a" / "b" / f"{ids[4]}.jpg").rename(folder / "a" / "b" / f"{ids[4]}.JPEG")
+    Image.open(io.BytesIO(image_bytes(trained / ARCHIVE, ids[5]))).save(folder / "a" / f"{ids[5]}.PNG")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden").mkdir()
+    extract(trained, ids[6:7], folder / ".hidden")  # hidden folders are skipped, like a shell glob
+    (folder / "._ISIC_junk.jpg").write_bytes(b"macOS resource fork")  # hidden file: skipped
+    return folder
+
+
+def test_folder_to_submission_csv_with_console_script(trained, images, tmp_path):
+    out = tmp_path / "out" / "predictions.csv"
+    result = run([str(BIN / "hmnist"), "predict", "--checkpoint", str(trained / "models/model.pt"),
+                  str(images), "--out", str(out), "--batch-size", "4"], tmp_path)
+    assert "classified 6 image(s)" in result.stdout
+    lines = out.read_text().splitlines()
+    assert lines[0] == HEADER
+    expected = sorted(p.name.split(".")[0] for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+                      and ".hidden" not in p.parts and not p.name.startswith("."))
+    assert len(expected) == 6
+    assert_submission(pd.read_csv(out), expected)
+    assert not list(out.parent.glob("*.partial"))
+
+
+def test_matches_evaluate_stage(trained, model, tmp_path):
+    """The test split's images, predicted from JPEG files, get the evaluate stage's probabilities."""
+    ids = split_ids(trained, "test")
+    extract(trained, ids, tmp_path / "test_images")
+    expected = pd.read_csv(trained / "predictions/test.csv")
+    assert expected["image"].tolist() == ids
+
+    frame = model.predict(tmp_path / "test_images", batch_size=5)  # batches unlike evaluate's
+    assert_submission(frame, ids)
+    np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-5)
+
+    # `python -m hmnist.predict`, writing to stdout, says the same
+    result = run([sys.executable, "-m", "hmnist.predict", "--checkpoint", str(trained / "models/model.pt"),
+                  "--device", "cpu", "--out", "-", str(tmp_path / "test_images")], tmp_path)
+    from_stdout = pd.read_csv(io.StringIO(result.stdout))
+    np.testing.assert_allclose(from_stdout.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-5)
+    assert "wrote stdout" in result.stderr
+
+
+def test_tta_gives_other_valid_probabilities(trained, model, images):
+    plain = model.predict(images)
+    tta = model.predict(images, tta=True)
+    assert_submission(tta, plain["image"].tolist())
+    assert np.abs(tta.iloc[:, 1:].to_numpy() - plain.iloc[:, 1:].to_numpy()).max() > 1e-4
+
+
+def test_api(trained, model, images):
+    assert model.classes == list(CLASSES)
+    assert (model.arch, model.model_name, model.input_size, model.prepare_size) == ("resnet9", "resnet9", 32, 32)
+    assert model.device == torch.device("cpu")
+    one = first_jpeg(images)
+    # a folder and a file inside it: the file is counted once; a single path needs no list
+    frame = model.predict([images, one, str(one)])
+    assert len(frame) == 6
+    assert model.predict(one)["image"].tolist() == [one.stem]
+    assert frame.attrs["skipped"] == []
+
+
+def test_import_is_light():
+    code = "import sys, hmnist; assert callable(hmnist.load); print(sorted(m for m in ('torch', 'timm', 'pandas') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_bad_images_stop_or_are_skipped(trained, model, images, tmp_path, capsys):
+    checkpoint = str(trained / "models/model.pt")
+    good = sorted(p.name.split(".")[0] for p in images.rglob("*")
+                  if p.is_file() and ".hidden" not in p.parts and p.suffix != ".txt" and not p.name.startswith("."))
+    whole = first_jpeg(images).read_bytes()
+    truncated = images / "a" / "truncated.jpg"
+    truncated.write_bytes(whole[:len(whole) // 2])
+    text = images / "text.png"
+    text.write_text("hello")
+    explicit = tmp_path / "notes.txt"
+    explicit.write_text("an explicitly named file that is not an image")
+
+    assert str(truncated) in main_error(capsys, "--checkpoint", checkpoint, "--device", "cpu",
+                                        str(images / "a"), "--out", str(tmp_path / "x.csv"))
+    line = main_error(capsys, "--checkpoint", checkpoint, "--device", "cpu", str(text), "--out", str(tmp_path / "x.csv"))
+    assert str(text) in line and "not an image" in line and "--skip-bad" in line
+    line = main_error(capsys, "--checkpoint", checkpoint, "--device", "cpu", str(explicit), "--out", str(tmp_path / "x.csv"))
+    assert str(explicit) in line and "not a JPEG or PNG" in line
+    assert not (tmp_path / "x.csv").exists()
+    with pytest.raises(UserError, match="truncated.jpg"):
+        model.predict(images)
+
+    out = tmp_path / "good.csv"
+    predict_module.main(["--checkpoint", checkpoint, "--device", "cpu", "--skip-bad", "--batch-size", "3",
+                         str(images), str(explicit), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    bad = [str(explicit), str(text), str(truncated)]
+    for path in bad:
+        assert f"warning: skipping {path}: " in stderr
+    assert stderr.splitlines()[-4:] == ["skipped 3 file(s) that could not be read as images:",
+                                        *(f"  {p}" for p in sorted(bad))]
+    assert_submission(pd.read_csv(out), good)
+
+    with pytest.raises(UserError, match="none of the 2 input file"):
+        model.predict([truncated, text], skip_bad=True)
+
+
+def test_path_errors(trained, images, tmp_path, capsys):
+    checkpoint = str(trained / "models/model.pt")
+    missing = tmp_path / "no_such_folder"
+    line = main_error(capsys, "--checkpoint", checkpoint, str(images), str(missing))
+    assert f"{missing}: no such file or folder" in line
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.md").write_text("no images here")
+    line = main_error(capsys, "--checkpoint", checkpoint, str(empty))
+    assert f"no JPEG or PNG images (.jpg, .jpeg, .png) found in {empty}" in line
+
+    # two files that would both be row ISIC_x: ambiguous, whatever their folders or extensions
+    first = first_jpeg(images)
+    twin = tmp_path / "elsewhere" / f"{first.stem}.png"
+    twin.parent.mkdir()
+    Image.open(first).save(twin)
+    line = main_error(capsys, "--checkpoint", checkpoint, str(images), str(twin))
+    assert str(first) in line and str(twin) in line and f"'{first.stem}'" in line
+
+    if not torch.cuda.is_available():
+        line = main_error(capsys, "--checkpoint", checkpoint, "--device", "cuda", str(images))
+        assert "no CUDA GPU" in line
+
+
+class RunsCode:
+    """Unpickling this (unsafely) creates the marker file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_errors(trained, images, tmp_path, capsys):
+    real = (trained / "models/model.pt").read_bytes()
+    marker = tmp_path / "code_ran"
+    cases = {
+        "missing.pt": None,
+        "truncated.pt": real[: len(real) // 2],
+        "random.pt": np.random.default_rng(0).bytes(4096),
+    }
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, tmp_path / "foreign.pt")
+    torch.save({"payload": RunsCode(marker)}, tmp_path / "evil_torch.pt")
+    (tmp_path / "evil_pickle.pt").write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
+
+    expected = {
+        "missing.pt": "not found",
+        "truncated.pt": "not a readable hmnist checkpoint",
+        "random.pt": "not a readable hmnist checkpoint",
+        "foreign.pt": "is not an hmnist checkpoint",
+        "evil_torch.pt": "not a readable hmnist checkpoint",
+        "evil_pickle.pt": "not a readable hmnist checkpoint",
+    }
+    for name, words in expected.items():
+        line = main_error(capsys, "--checkpoint", str(tmp_path / name), str(images))
+        assert str(tmp_path / name) in line and words in line, line
+        with pytest.raises(UserError, match=words):
+            hmnist.load(tmp_path / name)
+    assert not marker.exists(), "loading a checkpoint ran code from it"
+
+    # the console script reports the same way
+    result = run([str(BIN / "hmnist"), "predict", "--checkpoint", str(tmp_path / "evil_torch.pt"), str(images)],
+                 tmp_path, check=False)
+    assert_user_error(result, result.returncode, "evil_torch.pt", "not a readable hmnist checkpoint")
+    assert not marker.exists()
+
+    # the payload is live: an unsafe load would have run it, so the checks above could fail
+    torch.load(tmp_path / "evil_torch.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_damaged_checkpoint_with_our_format(trained, images, tmp_path):
+    state = torch.load(trained / "models/model.pt", weights_only=True)
+    state["state_dict"] = {k: v for k, v in list(state["state_dict"].items())[:-2]}  # weights missing
+    torch.save(state, tmp_path / "damaged.pt")
+    with pytest.raises(UserError, match="damaged.pt is a damaged hmnist checkpoint: RuntimeError"):
+        hmnist.load(tmp_path / "damaged.pt", device="cpu")
