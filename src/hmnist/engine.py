@@ -42,6 +42,11 @@ def autocast(device: torch.device) -> ContextManager:
     return nullcontext()
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last feeds the GPU's tensor cores without transposes; on the CPU it measured slower."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """The uint8 NHWC cache as a tensor on `device`, copied once."""
     tensor = torch.from_numpy(np.ascontiguousarray(images))
@@ -51,12 +56,13 @@ def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class Normalize:
-    """uint8 NHWC batch -> float NCHW at the model's size, normalised, channels_last."""
+    """uint8 NHWC batch -> float NCHW at the model's size, normalised, channels_last on the GPU."""
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
         self.size = size
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = memory_format(device)
 
     def resize(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.permute(0, 3, 1, 2).float()
@@ -70,7 +76,7 @@ class Normalize:
         if augment is not None:
             x = augment(x)
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.memory_format)
 
 
 class Augment:

@@ -17,7 +17,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
                              precision_recall_fscore_support, roc_auc_score, roc_curve)
 
 from hmnist.config import CLASSES, load_params
-from hmnist.engine import Normalize, predict_probs, resolve_device, to_device
+from hmnist.engine import Normalize, memory_format, predict_probs, resolve_device, to_device
 from hmnist.errors import UserError, cli
 from hmnist.models import load_checkpoint, model_from_checkpoint
 
@@ -122,7 +122,7 @@ def evaluate(checkpoint: dict[str, Any], images: np.ndarray, labels: np.ndarray,
         raise UserError(f"the prepared cache is {images.shape[1]}px but the model was trained on "
                         f"{checkpoint['prepare_size']}px: run `dvc repro`")
     device = resolve_device(device_name)
-    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=torch.channels_last)
+    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device))
     normalize = Normalize(checkpoint["input_size"], checkpoint["mean"], checkpoint["std"], device)
     return predict_probs(model, to_device(images, device), normalize, batch_size, device, progress=True)
 

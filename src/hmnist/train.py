@@ -25,7 +25,8 @@ from sklearn.metrics import balanced_accuracy_score
 from tqdm import tqdm
 
 from hmnist.config import CLASSES, Params, load_params
-from hmnist.engine import Augment, Normalize, autocast, epoch_batches, predict_probs, resolve_device, to_device
+from hmnist.engine import (Augment, Normalize, autocast, epoch_batches, memory_format,
+                           predict_probs, resolve_device, to_device)
 from hmnist.errors import UserError, cli
 from hmnist.models import create_model, data_config, save_checkpoint
 
@@ -72,7 +73,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: nn.Module,
                    loss_weights: torch.Tensor | None, batch: torch.Tensor, micro_batches: int,
-                   device: torch.device) -> float:
+                   device: torch.device) -> torch.Tensor:
     """Accumulate the gradient of one batch's mean loss over `micro_batches` forward passes.
 
     Each micro-batch's summed loss is divided by the whole batch's weight (what a weighted
@@ -81,14 +82,14 @@ def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: n
     """
     labels = targets[batch]
     total_weight = loss_weights[labels].sum() if loss_weights is not None else len(batch)
-    total = 0.0
+    total = torch.zeros((), device=targets.device)
     for chunk in batch.tensor_split(micro_batches):
         x = inputs(chunk)
         with autocast(device):  # the forward pass only; the loss is taken in fp32
             logits = model(x)
         loss = criterion(logits.float(), targets[chunk]).sum() / total_weight
         loss.backward()
-        total += loss.item()
+        total += loss.detach()  # stays on the device: a .item() here would stall the GPU every step
     return total
 
 
@@ -132,7 +133,7 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
     train_labels = torch.from_numpy(labels[train_rows]).to(device)
     val_labels = labels[val_rows]
 
-    model = create_model(config).to(device).to(memory_format=torch.channels_last)
+    model = create_model(config).to(device).to(memory_format=memory_format(device))
     norm = data_config(model)
     normalize = Normalize(config.resize, norm["mean"], norm["std"], device)
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1)
@@ -169,7 +170,7 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
     def inputs(rows: torch.Tensor) -> torch.Tensor:
         return normalize(train_images[rows], augment)
 
-    def step(batch: torch.Tensor) -> float:
+    def step(batch: torch.Tensor) -> torch.Tensor:
         nonlocal accum
         while True:
             try:
@@ -194,11 +195,12 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
         started, losses = time.perf_counter(), []
         batches = epoch_batches(len(train_rows), batch_size, generator, sample_weights)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
-        for batch in bar:
+        for i, batch in enumerate(bar):
             losses.append(step(batch))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if i % 20 == 0:  # reading the loss waits for the GPU: not every step
+                bar.set_postfix(loss=f"{losses[-1].item():.3f}")
         val = evaluate_split(model, val_images, val_labels, normalize, params.evaluate.batch_size, device)
-        record = {"epoch": epoch + 1, "train/loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+        record = {"epoch": epoch + 1, "train/loss": torch.stack(losses).mean().item(), "lr": scheduler.get_last_lr()[0],
                   **{f"val/{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - started}
         history.epochs.append(record)
         print(f"epoch {epoch + 1}: train loss {record['train/loss']:.4f}, val loss {val['loss']:.4f}, "

@@ -1,0 +1,52 @@
+"""CUDA-only checks, skipped where there is no GPU (CI never has one); run on a lent GPU."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_params
+from hmnist.config import parse_params
+from hmnist.train import train
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def synthetic_cache(n: int, size: int):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % 7
+    index = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(n)],
+                          "lesion_id": [f"HAM_{i:07d}" for i in range(n)],
+                          "dx": [("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")[l] for l in labels],
+                          "label": labels})
+    split = index[["image_id", "lesion_id", "dx"]].assign(split=np.where(np.arange(n) % 5 == 0, "val", "train"))
+    return images, index, split
+
+
+def test_real_out_of_memory_falls_back_to_micro_batches(capsys):
+    """Cap this process at 4 GiB: Swin-tiny at batch 256 (~15 GiB of activations) must OOM and
+    go on in micro-batches with the same effective batch."""
+    torch.cuda.set_per_process_memory_fraction(4 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        raw = tiny_params("unused")
+        raw["model"] = "swin"
+        raw["train"]["device"] = "cuda"
+        raw["models"]["swin"].update(resize=224, batch_size=256, epochs=1)
+        images, index, split = synthetic_cache(640, 224)
+        _, meta = train(parse_params(raw), images, index, split)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert meta["micro_batches"] > 1 and meta["effective_batch_size"] == 256
+    assert "out of GPU memory at batch 256" in capsys.readouterr().err
+
+
+def test_cuda_training_runs_bf16_and_learns_shapes():
+    raw = tiny_params("unused")
+    raw["model"] = "deit"
+    raw["train"]["device"] = "cuda"
+    raw["models"]["deit"].update(resize=64, batch_size=64, epochs=2)
+    images, index, split = synthetic_cache(512, 64)
+    model, meta = train(parse_params(raw), images, index, split)
+    assert next(model.parameters()).is_cuda and 0 <= meta["val_balanced_accuracy"] <= 1
