@@ -24,17 +24,21 @@ def synthetic_cache(n: int, size: int):
     return images, index, split
 
 
+def cuda_params(model: str, **settings):
+    raw = tiny_params("unused")
+    raw["model"] = model
+    raw["train"]["device"] = "cuda"
+    raw["models"][model].update(settings)
+    return parse_params(raw)
+
+
 def test_real_out_of_memory_falls_back_to_micro_batches(capsys):
     """Cap this process at 4 GiB: Swin-tiny at batch 256 (~15 GiB of activations) must OOM and
     go on in micro-batches with the same effective batch."""
     torch.cuda.set_per_process_memory_fraction(4 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     try:
-        raw = tiny_params("unused")
-        raw["model"] = "swin"
-        raw["train"]["device"] = "cuda"
-        raw["models"]["swin"].update(resize=224, batch_size=256, epochs=1)
         images, index, split = synthetic_cache(640, 224)
-        _, meta = train(parse_params(raw), images, index, split)
+        _, meta = train(cuda_params("swin", resize=224, batch_size=256, epochs=1), images, index, split)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
@@ -43,10 +47,6 @@ def test_real_out_of_memory_falls_back_to_micro_batches(capsys):
 
 
 def test_cuda_training_runs_bf16_and_learns_shapes():
-    raw = tiny_params("unused")
-    raw["model"] = "deit"
-    raw["train"]["device"] = "cuda"
-    raw["models"]["deit"].update(resize=64, batch_size=64, epochs=2)
     images, index, split = synthetic_cache(512, 64)
-    model, meta = train(parse_params(raw), images, index, split)
+    model, meta = train(cuda_params("deit", resize=64, batch_size=64, epochs=2), images, index, split)
     assert next(model.parameters()).is_cuda and 0 <= meta["val_balanced_accuracy"] <= 1

@@ -113,22 +113,28 @@ def test_training_learns_and_is_repeatable(data, synthetic_zip):
     assert meta["input_size"] == 32 and meta["prepare_size"] == 32
 
 
+class LimitedGpu(nn.Module):
+    """Raises CUDA's out-of-memory error for training batches larger than `max_batch`."""
+
+    def __init__(self, inner: nn.Module, max_batch: int):
+        super().__init__()
+        self.inner, self.max_batch = inner, max_batch
+
+    def forward(self, x):
+        if self.training and len(x) > self.max_batch:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(x)
+
+
+def limit_gpu(monkeypatch, max_batch: int) -> None:
+    real_create = train_module.create_model
+    monkeypatch.setattr(train_module, "create_model", lambda config: LimitedGpu(real_create(config), max_batch))
+    monkeypatch.setattr(train_module, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
+
+
 def test_out_of_memory_falls_back_to_micro_batches(data, synthetic_zip, monkeypatch, capsys):
     images, index, split = data
-    real_create = train_module.create_model
-
-    class SmallGpu(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            if self.training and len(x) > 8:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return self.inner(x)
-
-    monkeypatch.setattr(train_module, "create_model", lambda config: SmallGpu(real_create(config)))
-    monkeypatch.setattr(train_module, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    limit_gpu(monkeypatch, max_batch=8)
     _, meta = train(params_for(synthetic_zip, epochs=1, batch_size=32), images, index, split)
     assert meta["micro_batches"] == 4 and meta["effective_batch_size"] == 32
     assert "out of GPU memory at batch 32; continuing with 2 micro-batches" in capsys.readouterr().err
@@ -136,20 +142,7 @@ def test_out_of_memory_falls_back_to_micro_batches(data, synthetic_zip, monkeypa
 
 def test_out_of_memory_at_micro_batch_one_is_a_user_error(data, synthetic_zip, monkeypatch):
     images, index, split = data
-    real_create = train_module.create_model
-
-    class NoGpu(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            if self.training:
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            return self.inner(x)
-
-    monkeypatch.setattr(train_module, "create_model", lambda config: NoGpu(real_create(config)))
-    monkeypatch.setattr(train_module, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    limit_gpu(monkeypatch, max_batch=0)
     with pytest.raises(UserError, match="out of GPU memory even with micro-batches of 1"):
         train(params_for(synthetic_zip, epochs=1, batch_size=4), images, index, split)
 
@@ -183,3 +176,13 @@ def test_split_mismatch_is_reported(data, synthetic_zip):
     images, index, split = data
     with pytest.raises(UserError, match="does not match"):
         train(params_for(synthetic_zip), images, index, split.iloc[:-3])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")
+def test_cuda_without_a_gpu_names_the_setting():
+    from hmnist.engine import resolve_device
+    with pytest.raises(UserError, match="train.device is cuda but no CUDA GPU is visible"):
+        resolve_device("cuda")
+    with pytest.raises(UserError, match="--device is cuda but no CUDA GPU is visible: set --device to auto"):
+        resolve_device("cuda", setting="--device")
+    assert resolve_device("cpu").type == "cpu"

@@ -25,10 +25,13 @@ CROP_RATIO = (3 / 4, 4 / 3)
 JITTER = 0.1  # brightness, contrast, saturation factors in [1 - JITTER, 1 + JITTER]: mild, colour is diagnostic
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """`auto` is CUDA when present; `setting` names where the choice came from, for the error."""
+    if name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"{setting} must be one of auto, cuda, cpu, got {name!r}")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UserError("train.device is cuda but no CUDA GPU is visible: set train.device to auto or cpu")
+            raise UserError(f"{setting} is cuda but no CUDA GPU is visible: set {setting} to auto or cpu")
         return torch.device("cuda")
     if name == "auto":
         print("notice: no CUDA GPU found, running on the CPU (slow for the transformers)", file=sys.stderr)

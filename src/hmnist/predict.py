@@ -104,15 +104,10 @@ class Predictor:
     """A trained checkpoint ready to classify image files; made by `hmnist.load(path)`."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto"):
-        import torch
-
         from hmnist.engine import Normalize, memory_format, resolve_device
         from hmnist.models import load_checkpoint, model_from_checkpoint
 
-        if device not in DEVICES:
-            raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UserError("device cuda was asked for but no CUDA GPU is visible: use auto or cpu")
+        self.device = resolve_device(device, setting="--device")  # before the checkpoint: fail fast
         self.checkpoint_path = Path(checkpoint)
         state = load_checkpoint(self.checkpoint_path)
         try:
@@ -132,7 +127,6 @@ class Predictor:
             # the submission's columns are ISIC 2018's classes in ISIC 2018's order
             raise UserError(f"{self.checkpoint_path} predicts classes {', '.join(self.classes)}, "
                             f"not the ISIC 2018 ones ({', '.join(CLASSES)})")
-        self.device = resolve_device(device)
         self.model = model.to(self.device).to(memory_format=memory_format(self.device))
         self.normalize = Normalize(self.input_size, mean, std, self.device)
 
