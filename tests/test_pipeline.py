@@ -25,7 +25,7 @@ def test_repro_exp_and_diff(project):
     metrics = json.loads((project / "metrics/metrics.json").read_text())
     assert metrics["model"] == "deit" and 0 <= metrics["balanced_accuracy"] <= 1
     assert set(metrics["per_class"]) == {"mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"}
-    for path in ("plots/confusion_matrix.png", "plots/roc.png"):
+    for path in ("plots/confusion_matrix.png", "plots/roc.png", "plots/training_curves.png"):
         assert (project / path).read_bytes().startswith(b"\x89PNG")
     split = pd.read_csv(project / "data/split.csv")
     assert split.groupby("lesion_id")["split"].nunique().max() == 1

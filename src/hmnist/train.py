@@ -35,6 +35,7 @@ SPLIT = Path("data/split.csv")
 CHECKPOINT = Path("models/model.pt")
 RESUME_DIR = Path("models/.resume")
 LIVE_DIR = "dvclive"
+CURVES = Path("plots/training_curves.png")
 
 
 def split_rows(index: pd.DataFrame, split: pd.DataFrame, name: str) -> np.ndarray:
@@ -120,7 +121,8 @@ def resume_key(params: Params, split: pd.DataFrame) -> str:
 
 
 def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame,
-          resume_path: Path | None = None, live: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+          resume_path: Path | None = None, live: Any = None,
+          curves: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train the selected model; returns the best-epoch model and checkpoint metadata."""
     config, tc = params.model_config, params.train
     device = resolve_device(tc.device)
@@ -220,6 +222,8 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
 
     model.load_state_dict(best_state)
     best = history.epochs[history.best_epoch - 1]
+    if curves is not None:
+        plot_history(history.epochs, history.best_epoch, curves)
     meta = {
         "model_name": params.model,
         "arch": config.arch,
@@ -238,6 +242,28 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
     return model.eval(), meta
+
+
+def plot_history(epochs: list[dict[str, float]], best_epoch: int, path: Path) -> None:
+    """Training curves as a PNG that opens without a browser (dvc plots show needs the web)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["epoch"] for r in epochs]
+    fig, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    losses.plot(x, [r["train/loss"] for r in epochs], marker="o", label="train loss (weighted, smoothed)")
+    losses.plot(x, [r["val/loss"] for r in epochs], marker="o", label="val loss")
+    scores.plot(x, [r["val/accuracy"] for r in epochs], marker="o", label="val accuracy")
+    scores.plot(x, [r["val/balanced_accuracy"] for r in epochs], marker="o", label="val balanced accuracy")
+    for ax in (losses, scores):
+        ax.axvline(best_epoch, color="gray", linestyle=":", label=f"kept: epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _log(live: Any, record: dict[str, float]) -> None:
@@ -261,7 +287,7 @@ def main() -> None:
     split = pd.read_csv(SPLIT, dtype=str)
     resume_path = RESUME_DIR / f"{resume_key(params, split)}.pt"
     with Live(LIVE_DIR, dvcyaml=False, report=None, save_dvc_exp=False) as live:
-        model, meta = train(params, images, index, split, resume_path=resume_path, live=live)
+        model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=CURVES)
         live.summary["best/epoch"] = meta["best_epoch"]
         live.summary["best/val_balanced_accuracy"] = meta["val_balanced_accuracy"]
         live.summary["best/val_accuracy"] = meta["val_accuracy"]
