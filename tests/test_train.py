@@ -186,3 +186,39 @@ def test_cuda_without_a_gpu_names_the_setting():
     with pytest.raises(UserError, match="--device is cuda but no CUDA GPU is visible: set --device to auto"):
         resolve_device("cuda", setting="--device")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path, monkeypatch):
+    from hmnist.split import write_split
+
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"]["epochs"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    prepare(synthetic_zip, tmp_path / "data/prepared", size=32, workers=1, progress=False)
+    _, index = load_prepared(tmp_path / "data/prepared")
+    write_split(split_lesions(index.astype(str), parse_params(raw).split), tmp_path / "data/split.csv",
+                tmp_path / "metrics/split.json")
+    monkeypatch.chdir(tmp_path)
+
+    real_evaluate = train_module.evaluate_split
+    calls = {"n": 0}
+
+    def ctrl_c_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_split", ctrl_c_in_second_epoch)
+    with pytest.raises(SystemExit) as stopped:
+        train_module.main()
+    assert stopped.value.code == 130
+    assert not (tmp_path / "models/model.pt").exists()
+    assert len(list((tmp_path / "models/.resume").iterdir())) == 1
+
+    train_module.main()  # evaluate_split now passes: calls 3 and 4 are epochs 2 and 3
+    assert (tmp_path / "models/model.pt").exists()
+    assert list((tmp_path / "models/.resume").iterdir()) == []  # finished: nothing left to resume
+    curve = (tmp_path / "dvclive/plots/metrics/val/balanced_accuracy.tsv").read_text().splitlines()
+    assert len(curve) == 1 + 3  # header + every epoch, the one before the interruption included
+    assert (tmp_path / "plots/training_curves.png").exists()

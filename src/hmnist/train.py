@@ -6,7 +6,6 @@ state is saved under models/.resume/, so an interrupted run continues where it s
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -112,9 +111,10 @@ def evaluate_split(model, images, labels, normalize, batch_size, device) -> dict
     }
 
 
-def resume_key(params: Params, split: pd.DataFrame) -> str:
+def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]) -> str:
+    """Which run a saved state belongs to: same params, same split, same cache size."""
     payload = json.dumps({"model": params.model, "config": asdict(params.model_config),
-                          "train": asdict(params.train)}, sort_keys=True)
+                          "train": asdict(params.train), "cache": list(cache_shape)}, sort_keys=True)
     digest = hashlib.sha256(payload.encode())
     digest.update(pd.util.hash_pandas_object(split, index=False).values.tobytes())
     return digest.hexdigest()[:16]
@@ -233,7 +233,7 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
         "prepare_size": int(images.shape[1]),
         "mean": list(norm["mean"]),
         "std": list(norm["std"]),
-        "config": copy.deepcopy(params.to_dict()),
+        "config": params.to_dict(),
         "best_epoch": history.best_epoch,
         "val_balanced_accuracy": best["val/balanced_accuracy"],
         "val_accuracy": best["val/accuracy"],
@@ -285,7 +285,7 @@ def main() -> None:
         raise UserError(f"{SPLIT} not found: run `dvc repro split` first")
     images, index = load_prepared(PREPARED)
     split = pd.read_csv(SPLIT, dtype=str)
-    resume_path = RESUME_DIR / f"{resume_key(params, split)}.pt"
+    resume_path = RESUME_DIR / f"{resume_key(params, split, images.shape)}.pt"
     with Live(LIVE_DIR, dvcyaml=False, report=None, save_dvc_exp=False) as live:
         model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=CURVES)
         live.summary["best/epoch"] = meta["best_epoch"]
