@@ -30,5 +30,6 @@ step swin 90 $PY -m hmnist.bench --model swin --ways model,pipeline $B --json "$
 step resnet9 90 $PY -m hmnist.bench --model resnet9 $B --workdir "$W" --json "$OUT/resnet9.json"
 step repro 330 $PY -m hmnist.bench --repro $R --json "$OUT/repro.json"
 step compile 120 $PY -m hmnist.bench --model deit --ways model,pipeline --compile $B --json "$OUT/deit_compile.json"
+step profile 90 $PY -m hmnist.bench --model deit --ways model,pipeline --steps 20 --profile 10 $B --json "$OUT/deit_profile.json"
 step gpu-tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 rm -rf "$W"

@@ -44,6 +44,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+PROFILE_STEPS = 0  # --profile N: after timing, N more steps under torch.profiler, top ops printed
+
+
 def _timed(step: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> float:
     """Seconds for `steps` calls after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -53,7 +56,23 @@ def _timed(step: Callable[[], Any], warmup: int, steps: int, device: torch.devic
     for _ in range(steps):
         step()
     _sync(device)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if PROFILE_STEPS:
+        _profile(step, device)
+    return seconds
+
+
+def _profile(step: Callable[[], Any], device: torch.device) -> None:
+    """Where a step's time goes, for finding what to fuse next."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_STEPS):
+            step()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=20), file=sys.stderr)
 
 
 def _peak_reset(device: torch.device) -> None:
@@ -274,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="with --repro: params to run")
     parser.add_argument("--workdir", type=Path, help="keep generated data here (reused across runs)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing each way, profile N more steps and print the top ops")
     args = parser.parse_args(argv)
+    global PROFILE_STEPS
+    PROFILE_STEPS = args.profile
 
     result: dict[str, Any] = {"machine": machine()}
     if args.repro:
