@@ -147,22 +147,29 @@ def test_out_of_memory_at_micro_batch_one_is_a_user_error(data, synthetic_zip, m
         train(params_for(synthetic_zip, epochs=1, batch_size=4), images, index, split)
 
 
+def interrupt_second_epoch(monkeypatch):
+    """Ctrl-C during the second epoch's validation, once; later calls run normally.
+    Returns the real evaluate_split."""
+    real_evaluate = train_module.evaluate_split
+    calls = {"n": 0}
+
+    def evaluate_or_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_split", evaluate_or_interrupt)
+    return real_evaluate
+
+
 def test_interrupted_run_resumes_to_the_same_result(data, synthetic_zip, tmp_path, monkeypatch):
     images, index, split = data
     params = params_for(synthetic_zip, epochs=3)
     _, uninterrupted = train(params, images, index, split)
 
     resume = tmp_path / "resume.pt"
-    real_evaluate = train_module.evaluate_split
-    calls = {"n": 0}
-
-    def interrupt_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate_split", interrupt_in_second_epoch)
+    real_evaluate = interrupt_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(params, images, index, split, resume_path=resume)
     assert resume.exists()
@@ -200,23 +207,14 @@ def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path
                 tmp_path / "metrics/split.json")
     monkeypatch.chdir(tmp_path)
 
-    real_evaluate = train_module.evaluate_split
-    calls = {"n": 0}
-
-    def ctrl_c_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate_split", ctrl_c_in_second_epoch)
+    interrupt_second_epoch(monkeypatch)
     with pytest.raises(SystemExit) as stopped:
         train_module.main()
     assert stopped.value.code == 130
     assert not (tmp_path / "models/model.pt").exists()
     assert len(list((tmp_path / "models/.resume").iterdir())) == 1
 
-    train_module.main()  # evaluate_split now passes: calls 3 and 4 are epochs 2 and 3
+    train_module.main()  # the interruption was one-off: calls 3 and 4 are epochs 2 and 3
     assert (tmp_path / "models/model.pt").exists()
     assert list((tmp_path / "models/.resume").iterdir()) == []  # finished: nothing left to resume
     curve = (tmp_path / "dvclive/plots/metrics/val/balanced_accuracy.tsv").read_text().splitlines()

@@ -147,11 +147,16 @@ def bench_pipeline(config: ModelConfig, device, steps, warmup, compile, n_images
     return {"images_per_second": steps * config.batch_size / seconds, "peak_gib": _peak_gib(device)}
 
 
+def _synthetic_set(dest: Path, n_images: int, workers: int, duplicates: bool = True):
+    """About `n_images` 600x450 JPEGs in the Kaggle layout (1-2 images per lesion, as a .zip or folder)."""
+    return write_dataset(dest, n_lesions=max(42, n_images * 2 // 3), images_per_lesion=(1, 2), size=(600, 450),
+                         duplicates=duplicates, workers=workers)
+
+
 def _image_folder(root: Path, n_images: int, workers: int) -> Path:
     """600x450 JPEGs in torchvision's ImageFolder layout (one folder per class)."""
     kaggle = root / "kaggle"
-    meta = write_dataset(kaggle, n_lesions=max(42, n_images * 2 // 3), images_per_lesion=(1, 2),
-                         size=(600, 450), duplicates=False, workers=workers)
+    meta = _synthetic_set(kaggle, n_images, workers, duplicates=False)
     folder = root / "imagefolder"
     for row in meta.itertuples():
         (folder / row.dx).mkdir(parents=True, exist_ok=True)
@@ -210,8 +215,7 @@ def bench_repro(models: list[str], n_images: int, workers: int, keep: Path | Non
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "kaggle.zip"
     if not archive.exists():
-        write_dataset(archive, n_lesions=max(42, n_images * 2 // 3), images_per_lesion=(1, 2), size=(600, 450),
-                      workers=workers)
+        _synthetic_set(archive, n_images, workers)
     project = root / "project"
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir()

@@ -82,6 +82,16 @@ class Normalize:
         return x.contiguous(memory_format=self.memory_format)
 
 
+def inference_model(checkpoint: dict, device: torch.device) -> tuple[torch.nn.Module, Normalize]:
+    """A checkpoint's model on `device` and its preprocessing, exactly as evaluation uses them:
+    evaluate and predict both come through here, so their probabilities match."""
+    from hmnist.models import model_from_checkpoint
+
+    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device))
+    normalize = Normalize(int(checkpoint["input_size"]), tuple(checkpoint["mean"]), tuple(checkpoint["std"]), device)
+    return model, normalize
+
+
 class Augment:
     """Flips both ways, any rotation, random resized crop and mild colour jitter, for a whole
     batch at once on its device: one affine grid_sample does crop, rotation and flips."""

@@ -12,14 +12,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support, roc_auc_score, roc_curve)
 
 from hmnist.config import CLASSES, load_params
-from hmnist.engine import Normalize, memory_format, predict_probs, resolve_device, to_device
+from hmnist.engine import inference_model, predict_probs, resolve_device, to_device
 from hmnist.errors import UserError, cli
-from hmnist.models import load_checkpoint, model_from_checkpoint
+from hmnist.models import load_checkpoint
 
 METRICS = Path("metrics/metrics.json")
 PLOTS = Path("plots")
@@ -122,8 +121,7 @@ def evaluate(checkpoint: dict[str, Any], images: np.ndarray, labels: np.ndarray,
         raise UserError(f"the prepared cache is {images.shape[1]}px but the model was trained on "
                         f"{checkpoint['prepare_size']}px: run `dvc repro`")
     device = resolve_device(device_name)
-    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device))
-    normalize = Normalize(checkpoint["input_size"], checkpoint["mean"], checkpoint["std"], device)
+    model, normalize = inference_model(checkpoint, device)
     return predict_probs(model, to_device(images, device), normalize, batch_size, device, progress=True)
 
 

@@ -104,8 +104,8 @@ class Predictor:
     """A trained checkpoint ready to classify image files; made by `hmnist.load(path)`."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto"):
-        from hmnist.engine import Normalize, memory_format, resolve_device
-        from hmnist.models import load_checkpoint, model_from_checkpoint
+        from hmnist.engine import inference_model, resolve_device
+        from hmnist.models import load_checkpoint
 
         self.device = resolve_device(device, setting="--device")  # before the checkpoint: fail fast
         self.checkpoint_path = Path(checkpoint)
@@ -114,8 +114,7 @@ class Predictor:
             self.classes = list(state["classes"])
             self.model_name, self.arch = str(state["model_name"]), str(state["arch"])
             self.input_size, self.prepare_size = int(state["input_size"]), int(state["prepare_size"])
-            mean, std = tuple(state["mean"]), tuple(state["std"])
-            model = model_from_checkpoint(state)
+            self.model, self.normalize = inference_model(state, self.device)
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -127,8 +126,6 @@ class Predictor:
             # the submission's columns are ISIC 2018's classes in ISIC 2018's order
             raise UserError(f"{self.checkpoint_path} predicts classes {', '.join(self.classes)}, "
                             f"not the ISIC 2018 ones ({', '.join(CLASSES)})")
-        self.model = model.to(self.device).to(memory_format=memory_format(self.device))
-        self.normalize = Normalize(self.input_size, mean, std, self.device)
 
     def __repr__(self) -> str:
         return (f"Predictor({self.model_name}: {self.arch} at {self.input_size}px, "
