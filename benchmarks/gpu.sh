@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark of BENCHMARKS.md, as one command on a lent GPU machine (run from the repo root).
-#   OUT=results bash benchmarks/gpu.sh            # full size, on a CUDA GPU
+#   OUT=results bash benchmarks/gpu.sh            # full size, on a CUDA GPU (about 8 minutes)
+#   COMPILE=1 OUT=results bash benchmarks/gpu.sh  # and torch.compile measured too (3 more)
 #   SMALL=1 OUT=/tmp/r bash benchmarks/gpu.sh      # a rehearsal on a CPU, tiny sizes
 # The machine needs torch and timm; dvc and dvclive may come as wheels in .whl/ (no internet there).
 set -u
@@ -25,11 +26,11 @@ fi
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee "$OUT/versions.txt"
 $PY -m dvc version 2>&1 | head -3 | tee -a "$OUT/versions.txt"
 step() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "$@"; echo "== $name: exit $? in $(( $(date +%s) - s )) s"; }
-step deit 150 $PY -m hmnist.bench --model deit $B --workdir "$W" --json "$OUT/deit.json"
-step swin 90 $PY -m hmnist.bench --model swin --ways model,pipeline $B --json "$OUT/swin.json"
-step resnet9 90 $PY -m hmnist.bench --model resnet9 $B --workdir "$W" --json "$OUT/resnet9.json"
+step deit 150 $PY -m hmnist.bench --model deit --ways model,pipeline,input --steps 200 --rounds 5 --warmup 20 --profile 10 $B --json "$OUT/deit.json"
+step notebook 150 $PY -m hmnist.bench --model deit --ways pipeline,notebook --notebook-workers 16 --steps 100 --rounds 3 $B --workdir "$W" --json "$OUT/deit_notebook.json"
+step swin 90 $PY -m hmnist.bench --model swin --ways model,pipeline --steps 50 --rounds 3 $B --json "$OUT/swin.json"
+step resnet9 90 $PY -m hmnist.bench --model resnet9 --ways model,pipeline,input --steps 100 --rounds 3 $B --json "$OUT/resnet9.json"
+step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+[ -n "${COMPILE:-}" ] && step compile 200 $PY -m hmnist.bench --model deit --ways model,pipeline --compile --steps 200 --rounds 3 $B --json "$OUT/deit_compile.json"
 step repro 330 $PY -m hmnist.bench --repro $R --json "$OUT/repro.json"
-step compile 120 $PY -m hmnist.bench --model deit --ways model,pipeline --compile $B --json "$OUT/deit_compile.json"
-step profile 90 $PY -m hmnist.bench --model deit --ways model,pipeline --steps 20 --profile 10 $B --json "$OUT/deit_profile.json"
-step gpu-tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 rm -rf "$W"

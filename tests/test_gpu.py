@@ -50,3 +50,19 @@ def test_cuda_training_runs_bf16_and_learns_shapes():
     images, index, split = synthetic_cache(512, 64)
     model, meta = train(cuda_params("deit", resize=64, batch_size=64, epochs=2), images, index, split)
     assert next(model.parameters()).is_cuda and 0 <= meta["val_balanced_accuracy"] <= 1
+
+
+def test_cuda_augment_matches_its_definition():
+    from hmnist.engine import Augment, Normalize, colour_affine, jitter_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch = torch.randint(0, 256, (64, 224, 224, 3), dtype=torch.uint8, device="cuda", generator=g)
+    augment = Augment(torch.Generator(device="cuda").manual_seed(1))
+    warped = augment.geometry(batch.permute(0, 3, 1, 2).float())
+    matrix, offset = augment.colour(warped)
+    fused = colour_affine(warped, matrix, offset, augment.pixel_low, augment.pixel_high)
+    b, c, s = (augment.draws[:, i].double() for i in (7, 8, 9))
+    reference = jitter_reference(warped.double(), b, c, s)
+    assert ((fused.double() - reference).norm() / reference.norm()) < 1e-5
+    x = Normalize(224, (0.5,) * 3, (0.25,) * 3, torch.device("cuda"))(batch, augment)
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(x).all()

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import yaml
 
 from conftest import tiny_params
 from hmnist.config import ModelConfig, parse_params
-from hmnist.engine import Augment, Normalize, epoch_batches
+from hmnist.engine import Augment, Normalize, colour_affine, epoch_batches, jitter_reference
 from hmnist.errors import UserError
 from hmnist.models import create_model
 from hmnist.prepare import load_prepared, prepare
@@ -51,6 +52,54 @@ def test_augment_is_seeded_random_and_bounded():
     assert first.min() >= 0 and first.max() <= 255
     assert torch.equal(first, again) and not torch.allclose(first, other)
     assert not torch.allclose(first, images)
+
+
+def fixed_augment(**values) -> Augment:
+    """An Augment whose every draw is fixed: identity geometry and colour unless `values` say."""
+    augment = Augment(torch.Generator().manual_seed(0))
+    fixed = {0: 1.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 0.0, 6: 0.0, 7: 1.0, 8: 1.0, 9: 1.0}
+    names = {"area": 0, "log_ratio": 1, "angle": 2, "flip_x": 3, "flip_y": 4, "brightness": 7,
+             "contrast": 8, "saturation": 9}
+    fixed.update({names[k]: v for k, v in values.items()})
+    augment.low, augment.span = torch.tensor([fixed[i] for i in range(10)]), torch.zeros(10)
+    return augment
+
+
+def test_augment_geometry_matches_its_definition():
+    images = torch.rand(2, 3, 16, 16) * 255
+    assert torch.allclose(fixed_augment()(images), images, atol=1e-3)
+    assert torch.allclose(fixed_augment(flip_x=0.0)(images), images.flip(3), atol=1e-3)
+    assert torch.allclose(fixed_augment(flip_y=0.0)(images), images.flip(2), atol=1e-3)
+    quarter = fixed_augment(angle=math.pi / 2)(images)
+    assert torch.allclose(quarter, images.rot90(1, dims=(2, 3)), atol=1e-3) or \
+        torch.allclose(quarter, images.rot90(-1, dims=(2, 3)), atol=1e-3)
+    crop = fixed_augment(area=0.25)(images)  # the centre half of each side, stretched to the whole
+    centre = torch.nn.functional.interpolate(images[:, :, 4:12, 4:12], size=16, mode="bilinear", align_corners=False)
+    assert (crop - centre)[:, :, 2:-2, 2:-2].abs().max() < 1e-3
+
+
+def test_fused_colour_jitter_equals_step_by_step_definition():
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 3, 20, 20, generator=g, dtype=torch.float64) * 255
+    augment = Augment(torch.Generator().manual_seed(4))
+    warped = augment.geometry(images.float())
+    matrix, offset = augment.colour(warped)
+    fused = colour_affine(warped, matrix, offset, augment.pixel_low, augment.pixel_high)
+    b, c, s = augment.draws[:, 7], augment.draws[:, 8], augment.draws[:, 9]
+    assert not torch.allclose(b, torch.ones(6))  # the factors really vary
+    reference = jitter_reference(warped.double(), b.double(), c.double(), s.double())
+    assert ((fused.double() - reference).norm() / reference.norm()) < 1e-6
+    assert torch.equal(fused, Augment(torch.Generator().manual_seed(4))(images.float()))  # same draws, same path
+
+
+def test_normalize_folds_normalising_into_the_colour_map():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    norm = Normalize(20, mean, std, torch.device("cpu"))
+    batch = torch.randint(0, 256, (4, 20, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    folded = norm(batch, Augment(torch.Generator().manual_seed(5)))
+    pixels = Augment(torch.Generator().manual_seed(5))(batch.permute(0, 3, 1, 2).float())
+    expected = (pixels / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(folded, expected, atol=1e-4)
 
 
 def test_class_weights():

@@ -1,14 +1,17 @@
 """Train-step throughput three ways, and the wall time of `dvc repro` per model.
 
     python -m hmnist.bench --model deit                      # the three ways, one model
+    python -m hmnist.bench --model deit --ways model,pipeline,input --rounds 5 --profile 10
     python -m hmnist.bench --repro --models deit,swin,resnet9  # whole pipeline per model
 
 The three ways, in one run on one machine, each timed over the same number of train steps:
   model     the model alone on a batch already on the device (the ceiling, as timm's benchmark)
   pipeline  ours: uint8 cache on the device, gather + augment + normalise there, bf16, channels_last
   notebook  torchvision ImageFolder of JPEGs, PIL transforms, DataLoader workers, fp32
-Peak GPU memory is reported for each. Data is synthetic (hmnist.synthetic): speed does not
-depend on what the pixels show.
+and, on request, `input`: our gather + augment + normalise alone, what it adds to a step at most.
+The device ways take turns over several rounds (speed drifts within a process); the notebook
+is timed after them. Peak GPU memory is reported for each. Data is synthetic
+(hmnist.synthetic): speed does not depend on what the pixels show.
 """
 from __future__ import annotations
 
@@ -44,45 +47,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-PROFILE_STEPS = 0  # --profile N: after timing, N more steps under torch.profiler, top ops printed
+Step = Callable[[], Any]
 
 
-def _timed(step: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds for `steps` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
+def _run(step: Step, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls, the device drained before and after."""
     _sync(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
     _sync(device)
-    seconds = time.perf_counter() - started
-    if PROFILE_STEPS:
-        _profile(step, device)
-    return seconds
+    return time.perf_counter() - started
 
 
-def _profile(step: Callable[[], Any], device: torch.device) -> None:
-    """Where a step's time goes, for finding what to fuse next."""
+def measure(setups: dict[str, Callable[[], Step]], batch_size: int, device: torch.device, steps: int,
+            warmup: int, rounds: int, profile: int = 0) -> dict[str, dict[str, Any]]:
+    """Images/second of each way, timed in `rounds` interleaved rounds of `steps` steps.
+
+    One process's speed drifts by ~10% over a minute on a GPU (clocks, the host), which is as
+    large as the differences measured: so the ways take turns, in alternating order, and each
+    reports the median of its rounds. Peak memory is each way's own, from its set-up to the end
+    of its warm-up. With `profile`, N more steps per way under torch.profiler give the device
+    time per step: busy near 1 means the GPU bounds the step, far under 1 the host does.
+    """
+    results, steps_of = {}, {}
+    for name, setup in setups.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        step = steps_of[name] = setup()
+        _run(step, warmup, device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
+        results[name] = {"peak_gib": peak, "rounds": []}
+    names = list(setups)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name]["rounds"].append(steps * batch_size / _run(steps_of[name], steps, device))
+    for name, result in results.items():
+        result["images_per_second"] = float(np.median(result["rounds"]))
+        result["ms_per_step"] = 1000 * batch_size / result["images_per_second"]
+        if profile:
+            result["device_ms_per_step"] = _device_ms_per_step(steps_of[name], profile, device, name)
+            if result["device_ms_per_step"] is not None:
+                result["device_busy"] = result["device_ms_per_step"] / result["ms_per_step"]
+    return results
+
+
+def _device_ms_per_step(step: Step, steps: int, device: torch.device, name: str) -> float | None:
+    """Milliseconds of device work (kernels, copies) per step, and the top ops on stderr."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(PROFILE_STEPS):
-            step()
-        _sync(device)
+        _run(step, steps, device)
+    events = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=20), file=sys.stderr)
-
-
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    print(f"== profile: {name}, {steps} steps", file=sys.stderr)
+    print(events.table(sort_by=sort, row_limit=15), file=sys.stderr)
+    if device.type != "cuda":
+        return None
+    device_us = sum(e.self_device_time_total for e in events
+                    if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    return device_us / 1000 / steps
 
 
 def _model(config: ModelConfig, device: torch.device, compile: bool, channels_last: bool = True):
@@ -93,8 +121,8 @@ def _model(config: ModelConfig, device: torch.device, compile: bool, channels_la
     return model, (torch.compile(model) if compile else model)
 
 
-def bench_model_only(config: ModelConfig, device, steps, warmup, compile) -> dict[str, Any]:
-    _peak_reset(device)
+def model_way(config: ModelConfig, device: torch.device, compile: bool) -> Step:
+    """The model alone on one batch already on the device, in the train stage's precision."""
     model, run = _model(config, device, compile)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                   fused=device.type == "cuda")
@@ -109,42 +137,52 @@ def bench_model_only(config: ModelConfig, device, steps, warmup, compile) -> dic
         criterion(logits.float(), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    seconds = _timed(step, warmup, steps, device)
-    return {"images_per_second": steps * config.batch_size / seconds, "peak_gib": _peak_gib(device)}
+    return step
 
 
-def bench_pipeline(config: ModelConfig, device, steps, warmup, compile, n_images, size) -> dict[str, Any]:
-    """The train stage's own step: the same functions, on a synthetic uint8 cache."""
-    _peak_reset(device)
+def _cache(config: ModelConfig, device: torch.device, n_images: int, size: int, model: nn.Module):
+    """A synthetic uint8 cache on the device with HAM10000's class mix, and the train stage's
+    input function for `model`: gather a batch, augment it and normalise it there."""
     rng = np.random.default_rng(0)
     images = to_device(rng.integers(0, 256, (n_images, size, size, 3), dtype=np.uint8), device)
-    labels_np = rng.choice(len(CLASSES), n_images, p=[0.11, 0.67, 0.05, 0.03, 0.11, 0.01, 0.02])
-    labels = torch.from_numpy(labels_np).to(device)
-    model, run = _model(config, device, compile)
+    labels = rng.choice(len(CLASSES), n_images, p=[0.11, 0.67, 0.05, 0.03, 0.11, 0.01, 0.02])
     norm = data_config(model)
     normalize = Normalize(config.resize, norm["mean"], norm["std"], device)
     generator = torch.Generator(device=device).manual_seed(1)
     augment = Augment(generator)
-    weights = class_weights(labels_np, 0.5).to(device)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1, reduction="none")
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  fused=device.type == "cuda")
     batches = iter(())
 
-    def step():
+    def next_batch() -> torch.Tensor:
         nonlocal batches
         batch = next(batches, None)
         if batch is None:
             batches = epoch_batches(n_images, config.batch_size, generator)
             batch = next(batches)
-        backward_batch(run, lambda rows: normalize(images[rows], augment), labels, criterion, weights,
-                       batch, 1, device)
+        return batch
+    return labels, next_batch, lambda rows: normalize(images[rows], augment)
+
+
+def input_way(config: ModelConfig, device: torch.device, n_images: int, size: int) -> Step:
+    """Our input pipeline alone: what it adds to each step, at most."""
+    _, next_batch, inputs = _cache(config, device, n_images, size, create_model(config, pretrained=False))
+    return lambda: inputs(next_batch())
+
+
+def pipeline_way(config: ModelConfig, device: torch.device, compile: bool, n_images: int, size: int) -> Step:
+    """The train stage's own step: the same functions, on a synthetic uint8 cache."""
+    model, run = _model(config, device, compile)
+    labels_np, next_batch, inputs = _cache(config, device, n_images, size, model)
+    labels = torch.from_numpy(labels_np).to(device)
+    weights = class_weights(labels_np, 0.5).to(device)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1, reduction="none")
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+                                  fused=device.type == "cuda")
+
+    def step():
+        backward_batch(run, inputs, labels, criterion, weights, next_batch(), 1, device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    seconds = _timed(step, warmup, steps, device)
-    return {"images_per_second": steps * config.batch_size / seconds, "peak_gib": _peak_gib(device)}
+    return step
 
 
 def _synthetic_set(dest: Path, n_images: int, workers: int, duplicates: bool = True):
@@ -165,11 +203,10 @@ def _image_folder(root: Path, n_images: int, workers: int) -> Path:
     return folder
 
 
-def bench_notebook(config: ModelConfig, device, steps, warmup, folder: Path, workers: int) -> dict[str, Any]:
+def notebook_way(config: ModelConfig, device: torch.device, folder: Path, workers: int) -> Step:
     """The usual notebook: decode and transform on CPU workers with PIL, train in fp32."""
     from torchvision import datasets, transforms
 
-    _peak_reset(device)
     model, run = _model(config, device, compile=False, channels_last=False)
     norm = data_config(model)
     transform = transforms.Compose([
@@ -199,10 +236,7 @@ def bench_notebook(config: ModelConfig, device, steps, warmup, folder: Path, wor
         criterion(run(x), y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    seconds = _timed(step, warmup, steps, device)
-    return {"images_per_second": steps * config.batch_size / seconds, "peak_gib": _peak_gib(device),
-            "workers": workers}
+    return step
 
 
 def bench_repro(models: list[str], n_images: int, workers: int, keep: Path | None,
@@ -281,8 +315,11 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit", help="an entry of models: in params.yaml")
-    parser.add_argument("--ways", default="model,pipeline,notebook", help="which of model,pipeline,notebook")
-    parser.add_argument("--steps", type=int, default=50, help="timed train steps per way")
+    parser.add_argument("--ways", default="model,pipeline,notebook",
+                        help="which of model,pipeline,input,notebook (input: our input pipeline alone)")
+    parser.add_argument("--steps", type=int, default=100, help="timed train steps per way and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the GPU ways take turns this many times; each reports its median round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotune, workers)")
     parser.add_argument("--batch-size", type=int, help="default: the model's batch_size in params.yaml")
     parser.add_argument("--resize", type=int, help="default: the model's resize in params.yaml")
@@ -298,10 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, help="keep generated data here (reused across runs)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="after timing each way, profile N more steps and print the top ops")
+                        help="profile N more steps of each way: device time per step, top ops on stderr")
     args = parser.parse_args(argv)
-    global PROFILE_STEPS
-    PROFILE_STEPS = args.profile
+    ways = args.ways.split(",")
+    unknown = set(ways) - {"model", "pipeline", "input", "notebook"}
+    if unknown:
+        parser.error(f"unknown way {sorted(unknown)[0]!r}: use model, pipeline, input, notebook")
 
     result: dict[str, Any] = {"machine": machine()}
     if args.repro:
@@ -315,26 +354,37 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
         result["bench"] = {"model": args.model, "arch": config.arch, "batch_size": config.batch_size,
                            "resize": config.resize, "device": str(device), "steps": args.steps,
-                           "compile": args.compile}
-        for way in args.ways.split(","):  # in the order given: run twice, swapped, to see order effects
-            if way == "model":
-                result["model"] = bench_model_only(config, device, args.steps, args.warmup, args.compile)
-            elif way == "pipeline":
-                result["pipeline"] = bench_pipeline(config, device, args.steps, args.warmup, args.compile,
-                                                    args.images, args.size)
-            elif way == "notebook":
-                with tempfile.TemporaryDirectory() as tmp:
-                    workdir = args.workdir or Path(tmp)
-                    folder = workdir / "imagefolder"
-                    if not folder.exists():
-                        folder = _image_folder(workdir, args.notebook_images, os.cpu_count() or 1)
-                    result["notebook"] = bench_notebook(config, device, args.steps, args.warmup, folder,
-                                                        args.notebook_workers)
-            else:
-                parser.error(f"unknown way {way!r}: use model, pipeline, notebook")
-            print(f"{way:9s}: {result[way]['images_per_second']:9.1f} img/s", file=sys.stderr)
+                           "rounds": args.rounds, "warmup": args.warmup, "compile": args.compile}
+        setups = {
+            "model": lambda: model_way(config, device, args.compile),
+            "pipeline": lambda: pipeline_way(config, device, args.compile, args.images, args.size),
+            "input": lambda: input_way(config, device, args.images, args.size),
+        }
+        # the GPU ways take turns; the notebook's loader workers would load the host meanwhile
+        # and skew them, so it is timed alone, afterwards
+        interleaved = {way: setups[way] for way in ways if way != "notebook"}
+        if interleaved:
+            result.update(measure(interleaved, config.batch_size, device, args.steps, args.warmup, args.rounds,
+                                  args.profile))
+        if "notebook" in ways:
+            with tempfile.TemporaryDirectory() as tmp:
+                workdir = args.workdir or Path(tmp)
+                folder = workdir / "imagefolder"
+                if not folder.exists():
+                    folder = _image_folder(workdir, args.notebook_images, os.cpu_count() or 1)
+                notebook = lambda: notebook_way(config, device, folder, args.notebook_workers)  # noqa: E731
+                result.update(measure({"notebook": notebook}, config.batch_size, device, args.steps, args.warmup,
+                                      args.rounds, args.profile))
+                result["notebook"]["workers"] = args.notebook_workers
+        for way in ways:
+            r = result[way]
+            busy = f", device busy {r['device_busy']:.0%}" if r.get("device_busy") is not None else ""
+            print(f"{way:9s}: {r['images_per_second']:9.1f} img/s (rounds: "
+                  f"{', '.join(f'{v:.0f}' for v in r['rounds'])}){busy}", file=sys.stderr)
         if "model" in result and "pipeline" in result:
-            result["pipeline_over_model"] = result["pipeline"]["images_per_second"] / result["model"]["images_per_second"]
+            per_round = [p / m for p, m in zip(result["pipeline"]["rounds"], result["model"]["rounds"])]
+            result["pipeline_over_model"] = float(np.median(per_round))
+            result["pipeline_over_model_rounds"] = per_round
         if "notebook" in result and "pipeline" in result:
             result["pipeline_over_notebook"] = (result["pipeline"]["images_per_second"]
                                                 / result["notebook"]["images_per_second"])

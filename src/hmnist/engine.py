@@ -59,12 +59,18 @@ def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class Normalize:
-    """uint8 NHWC batch -> float NCHW at the model's size, normalised, channels_last on the GPU."""
+    """uint8 NHWC batch -> float NCHW at the model's size, normalised, channels_last on the GPU.
+
+    With an `Augment`, the colour jitter and the normalisation are one per-sample affine map of
+    the three channels (one batched 3x3 product and a clamp), not a dozen full-size passes.
+    """
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
         self.size = size
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(mean, device=device) * 255
+        self.std = torch.tensor(std, device=device) * 255
+        # the clamp to 0..255 that colour jitter needs, in normalised units
+        self.low, self.high = -self.mean / self.std, (255 - self.mean) / self.std
         self.memory_format = memory_format(device)
 
     def resize(self, batch: torch.Tensor) -> torch.Tensor:
@@ -76,10 +82,23 @@ class Normalize:
 
     def __call__(self, batch: torch.Tensor, augment: Augment | None = None) -> torch.Tensor:
         x = self.resize(batch)
-        if augment is not None:
-            x = augment(x)
-        x = (x - self.mean) / self.std
+        if augment is None:
+            x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        else:
+            x = augment.geometry(x)
+            matrix, offset = augment.colour(x)
+            # normalising is affine too: fold it in, (A x + b - mean) / std
+            x = colour_affine(x, matrix / self.std[:, None], (offset - self.mean) / self.std, self.low, self.high)
         return x.contiguous(memory_format=self.memory_format)
+
+
+def colour_affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor,
+                  low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """clamp(matrix[i] @ pixel + offset[i], low, high) for every pixel of each image i of an NCHW
+    batch: `matrix` (n, 3, 3), `offset` (n, 3), `low` and `high` per channel (3,)."""
+    n, c, h, w = x.shape
+    out = torch.baddbmm(offset.unsqueeze(2), matrix, x.reshape(n, c, h * w))
+    return out.view(n, c, h, w).clamp_(low.view(1, c, 1, 1), high.view(1, c, 1, 1))
 
 
 def inference_model(checkpoint: dict, device: torch.device) -> tuple[torch.nn.Module, Normalize]:
@@ -92,49 +111,88 @@ def inference_model(checkpoint: dict, device: torch.device) -> tuple[torch.nn.Mo
     return model, normalize
 
 
+GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale; sums to 1
+
+
 class Augment:
     """Flips both ways, any rotation, random resized crop and mild colour jitter, for a whole
-    batch at once on its device: one affine grid_sample does crop, rotation and flips."""
+    batch at once on its device: one affine grid_sample does crop, rotation and flips, and one
+    per-sample 3x3 colour matrix does brightness, contrast and saturation.
+
+    All of a batch's random numbers come from one draw on `generator`, so a step costs a few
+    kernel launches, not dozens: on a GPU, a small model's step is bound by launches.
+    """
+
+    # one column per random quantity: (low, high) of its uniform draw
+    RANGES = (
+        CROP_AREA,                                           # 0 crop area, fraction of the image
+        (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])),  # 1 log width/height ratio
+        (-math.pi, math.pi),                                 # 2 rotation: lesions have no "up"
+        (0, 1), (0, 1),                                      # 3, 4 horizontal / vertical flip if < 0.5
+        (-1, 1), (-1, 1),                                    # 5, 6 crop centre, in the room left
+        (1 - JITTER, 1 + JITTER),                            # 7 brightness
+        (1 - JITTER, 1 + JITTER),                            # 8 contrast
+        (1 - JITTER, 1 + JITTER),                            # 9 saturation
+    )
 
     def __init__(self, generator: torch.Generator):
+        """Batches must be on `generator`'s device."""
         self.generator = generator
+        device = generator.device
+        ranges = torch.tensor(self.RANGES, dtype=torch.float32, device=device)
+        self.low, self.span = ranges[:, 0], ranges[:, 1] - ranges[:, 0]
+        self.gray = torch.tensor(GRAY, device=device)
+        self.eye = torch.eye(3, device=device)
+        self.signs = torch.tensor([1.0, -1.0], device=device)
+        self.pixel_low, self.pixel_high = torch.zeros(3, device=device), torch.full((3,), 255.0, device=device)
+        self.draws: torch.Tensor | None = None
 
-    def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
-        r = torch.rand(n, generator=self.generator, device=self.generator.device)
-        return (low + (high - low) * r).to(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n, device = x.shape[0], x.device
-        area = self._uniform(n, *CROP_AREA, device)
-        log_ratio = self._uniform(n, math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), device)
-        ratio = torch.exp(log_ratio)
-        width = torch.sqrt(area * ratio).clamp(max=1)  # as a fraction of the image side
-        height = torch.sqrt(area / ratio).clamp(max=1)
-        angle = self._uniform(n, -math.pi, math.pi, device)  # lesions have no "up"
-        flip_x = torch.where(self._uniform(n, 0, 1, device) < 0.5, -1.0, 1.0)
-        flip_y = torch.where(self._uniform(n, 0, 1, device) < 0.5, -1.0, 1.0)
-        shift_x = self._uniform(n, -1, 1, device) * (1 - width)
-        shift_y = self._uniform(n, -1, 1, device) * (1 - height)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([
-            torch.stack([width * cos * flip_x, -height * sin * flip_y, shift_x], dim=1),
-            torch.stack([width * sin * flip_x, height * cos * flip_y, shift_y], dim=1),
-        ], dim=1)
+    def geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, rotation and flips of a float NCHW batch. Draws all of this
+        batch's random numbers (one kernel), which `colour` then uses."""
+        r = torch.rand(x.shape[0], len(self.RANGES), generator=self.generator, device=self.generator.device)
+        u = self.draws = torch.addcmul(self.low, r, self.span)
+        size = torch.sqrt(u[:, 0:1] * torch.exp(u[:, 1:2] * self.signs)).clamp_(max=1)  # width, height
+        scale = size * torch.where(u[:, 3:5] < 0.5, -1.0, 1.0)  # flips
+        shift = u[:, 5:7] * (1 - size)
+        cos, sin = torch.cos(u[:, 2:3]), torch.sin(u[:, 2:3])
+        # theta = [[w cos fx, -h sin fy, dx], [w sin fx, h cos fy, dy]], w h in fractions of the side
+        rotation = torch.cat([cos, -sin, sin, cos], dim=1).view(-1, 2, 2)
+        theta = torch.cat([rotation * scale.unsqueeze(1), shift.unsqueeze(2)], dim=2)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         # reflection: rotated corners show mirrored skin rather than black wedges
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        return self._jitter(x)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
-        n, device = x.shape[0], x.device
-        factors = [self._uniform(n, 1 - JITTER, 1 + JITTER, device).view(n, 1, 1, 1) for _ in range(3)]
-        brightness, contrast, saturation = factors
-        x = x * brightness
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - gray.mean(dim=(2, 3), keepdim=True)) * contrast + gray.mean(dim=(2, 3), keepdim=True)
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = gray + (x - gray) * saturation
-        return x.clamp(0, 255)
+    def colour(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour jitter of `jitter_reference` for this batch as `matrix @ pixel + offset`,
+        then clamped to 0..255. Brightness b, contrast c about the mean grey level, saturation s
+        about each pixel's grey: with grey weights w (summing to 1) and S = sI + (1-s) 1 w^T,
+        matrix = c b S and offset = (1-c) b mean(w.x) on every channel, since S keeps grey."""
+        b, c, s = (self.draws[:, i].view(-1, 1, 1) for i in (7, 8, 9))
+        saturation = s * self.eye + (1 - s) * self.gray.view(1, 1, 3)  # row i: s e_i + (1 - s) w
+        mean_gray = (x.mean(dim=(2, 3)) @ self.gray).view(-1, 1)
+        offset = ((1 - c) * b).view(-1, 1) * mean_gray
+        return c * b * saturation, offset.expand(-1, 3)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The augmented float NCHW batch, in 0..255 (`Normalize` folds normalising in instead)."""
+        x = self.geometry(x)
+        matrix, offset = self.colour(x)
+        return colour_affine(x, matrix, offset, self.pixel_low, self.pixel_high)
+
+
+def jitter_reference(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                     saturation: torch.Tensor) -> torch.Tensor:
+    """The colour jitter `Augment.colour` computes, step by step: the definition it is tested
+    against. Factors are per image, shape (n,)."""
+    b, c, s = (f.view(-1, 1, 1, 1) for f in (brightness, contrast, saturation))
+    weights = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = x * b
+    mean = (x * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    gray = (x * weights).sum(1, keepdim=True)
+    x = gray + (x - gray) * s
+    return x.clamp(0, 255)
 
 
 def epoch_batches(
