@@ -10,7 +10,7 @@ import yaml
 
 from conftest import tiny_params
 from hmnist.config import ModelConfig, parse_params
-from hmnist.engine import Augment, Normalize, colour_affine, epoch_batches, jitter_reference
+from hmnist.engine import Augment, Normalize, affine_grid, colour_affine, epoch_batches, jitter_reference
 from hmnist.errors import UserError
 from hmnist.models import create_model
 from hmnist.prepare import load_prepared, prepare
@@ -76,6 +76,23 @@ def test_augment_geometry_matches_its_definition():
     crop = fixed_augment(area=0.25)(images)  # the centre half of each side, stretched to the whole
     centre = torch.nn.functional.interpolate(images[:, :, 4:12, 4:12], size=16, mode="bilinear", align_corners=False)
     assert (crop - centre)[:, :, 2:-2, 2:-2].abs().max() < 1e-3
+
+
+def test_affine_grid_equals_torch():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [5, 3, 12, 20], align_corners=False)
+    assert torch.allclose(affine_grid(theta, 12, 20), expected, atol=1e-6)
+
+
+def test_colour_affine_is_a_per_pixel_matrix_product_in_any_layout():
+    g = torch.Generator().manual_seed(1)
+    x, matrix, offset = torch.rand(4, 3, 6, 7, generator=g), torch.randn(4, 3, 3, generator=g), torch.randn(4, 3, generator=g)
+    low, high = torch.tensor([-1.0, -0.5, 0.0]), torch.tensor([1.0, 0.5, 2.0])
+    expected = (torch.einsum("nij,njhw->nihw", matrix, x) + offset[:, :, None, None])
+    expected = torch.maximum(torch.minimum(expected, high.view(1, 3, 1, 1)), low.view(1, 3, 1, 1))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = colour_affine(x, matrix, offset, low, high, layout)
+        assert out.is_contiguous(memory_format=layout) and torch.allclose(out, expected, atol=1e-6)
 
 
 def test_fused_colour_jitter_equals_step_by_step_definition():

@@ -84,6 +84,8 @@ def measure(setups: dict[str, Callable[[], Step]], batch_size: int, device: torc
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             results[name]["rounds"].append(steps * batch_size / _run(steps_of[name], steps, device))
+            # as it goes: a run cut short by a time limit still leaves its figures
+            print(f"round {r + 1}/{rounds} {name}: {results[name]['rounds'][-1]:.1f} img/s", file=sys.stderr)
     for name, result in results.items():
         result["images_per_second"] = float(np.median(result["rounds"]))
         result["ms_per_step"] = 1000 * batch_size / result["images_per_second"]
