@@ -89,8 +89,9 @@ class Normalize:
         if augment is None:
             x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
         else:
-            x = augment.geometry(x)
-            matrix, offset = augment.colour(x)
+            u = augment.draw(x.shape[0])
+            x = augment.geometry(x, u)
+            matrix, offset = augment.colour(x, u)
             # normalising is affine too: fold it in, (A x + b - mean) / std
             x = colour_affine(x, matrix / self.std[:, None], (offset - self.mean) / self.std, self.low, self.high,
                               self.memory_format)
@@ -177,13 +178,14 @@ class Augment:
         self.eye = torch.eye(3, device=device)
         self.signs = torch.tensor([1.0, -1.0], device=device)
         self.pixel_low, self.pixel_high = torch.zeros(3, device=device), torch.full((3,), 255.0, device=device)
-        self.draws: torch.Tensor | None = None
 
-    def geometry(self, x: torch.Tensor) -> torch.Tensor:
-        """Random resized crop, rotation and flips of a float NCHW batch. Draws all of this
-        batch's random numbers (one kernel), which `colour` then uses."""
-        r = torch.rand(x.shape[0], len(self.RANGES), generator=self.generator, device=self.generator.device)
-        u = self.draws = torch.addcmul(self.low, r, self.span)
+    def draw(self, n: int) -> torch.Tensor:
+        """All the random numbers of `n` images, (n, len(RANGES)), each in its range: one kernel."""
+        r = torch.rand(n, len(self.RANGES), generator=self.generator, device=self.generator.device)
+        return torch.addcmul(self.low, r, self.span)
+
+    def geometry(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, rotation and flips of a float NCHW batch, as drawn in `u`."""
         size = torch.sqrt(u[:, 0:1] * torch.exp(u[:, 1:2] * self.signs)).clamp_(max=1)  # width, height
         scale = size * torch.where(u[:, 3:5] < 0.5, -1.0, 1.0)  # flips
         shift = u[:, 5:7] * (1 - size)
@@ -195,12 +197,12 @@ class Augment:
         # reflection: rotated corners show mirrored skin rather than black wedges
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def colour(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The colour jitter of `jitter_reference` for this batch as `matrix @ pixel + offset`,
+    def colour(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour jitter of `jitter_reference` drawn in `u`, as `matrix @ pixel + offset`,
         then clamped to 0..255. Brightness b, contrast c about the mean grey level, saturation s
         about each pixel's grey: with grey weights w (summing to 1) and S = sI + (1-s) 1 w^T,
         matrix = c b S and offset = (1-c) b mean(w.x) on every channel, since S keeps grey."""
-        b, c, s = (self.draws[:, i].view(-1, 1, 1) for i in (7, 8, 9))
+        b, c, s = (u[:, i].view(-1, 1, 1) for i in (7, 8, 9))
         saturation = s * self.eye + (1 - s) * self.gray.view(1, 1, 3)  # row i: s e_i + (1 - s) w
         mean_gray = (x.mean(dim=(2, 3)) @ self.gray).view(-1, 1)
         offset = ((1 - c) * b).view(-1, 1) * mean_gray
@@ -208,8 +210,9 @@ class Augment:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The augmented float NCHW batch, in 0..255 (`Normalize` folds normalising in instead)."""
-        x = self.geometry(x)
-        matrix, offset = self.colour(x)
+        u = self.draw(x.shape[0])
+        x = self.geometry(x, u)
+        matrix, offset = self.colour(x, u)
         return colour_affine(x, matrix, offset, self.pixel_low, self.pixel_high)
 
 
