@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 import yaml
 
 from hmnist.synthetic import write_dataset
@@ -71,3 +73,17 @@ def project(tmp_path, synthetic_zip) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "init"], root)
     return root
+
+
+class LimitedGpu(nn.Module):
+    """A model on a pretend small GPU: CUDA's out-of-memory error for training batches larger
+    than `max_batch` and inference batches larger than `max_eval_batch`."""
+
+    def __init__(self, inner: nn.Module, max_batch: int = 10**9, max_eval_batch: int = 10**9):
+        super().__init__()
+        self.inner, self.max_batch, self.max_eval_batch = inner, max_batch, max_eval_batch
+
+    def forward(self, x):
+        if len(x) > (self.max_batch if self.training else self.max_eval_batch):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(x)

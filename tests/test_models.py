@@ -20,6 +20,7 @@ def test_forward_backward(name):
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
     assert out.shape == (2, 7) and torch.isfinite(out).all()
+    assert model.get_classifier().out_features == 7 and model.num_classes == 7
     out.logsumexp(1).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -47,6 +48,12 @@ def test_pretrained_path_loads_local_weights(tmp_path):
     scratch = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=224, pretrained=False,
                                        pretrained_path=str(path)))
     assert not torch.equal(scratch.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    # the features, not only one tensor: every backbone weight came from the file
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        features = model.eval().forward_features(x)
+        assert torch.allclose(features, source.eval().forward_features(x), atol=1e-5)
+        assert not torch.allclose(features, scratch.eval().forward_features(x), atol=1e-2)
 
 
 def test_pretrained_path_resamples_position_embedding(tmp_path):

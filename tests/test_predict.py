@@ -25,7 +25,7 @@ from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from hmnist.synthetic import image_folder
 
-from conftest import BIN, run, tiny_params
+from conftest import BIN, LimitedGpu, run, tiny_params
 
 HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
 ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
@@ -152,6 +152,44 @@ def test_tta_gives_other_valid_probabilities(trained, model, images):
     tta = model.predict(images, tta=True)
     assert_submission(tta, plain["image"].tolist())
     assert np.abs(tta.iloc[:, 1:].to_numpy() - plain.iloc[:, 1:].to_numpy()).max() > 1e-4
+
+
+def test_tta_modes(trained, model, images):
+    plain, flips = model.predict(images, tta="none"), model.predict(images, tta="flips")
+    dihedral = model.predict(images, tta="dihedral")
+    assert_submission(dihedral, plain["image"].tolist())
+    np.testing.assert_allclose(model.predict(images, tta=True).iloc[:, 1:], flips.iloc[:, 1:])
+    assert np.abs(dihedral.iloc[:, 1:].to_numpy() - flips.iloc[:, 1:].to_numpy()).max() > 1e-4
+    with pytest.raises(UserError, match="tta must be one of none, flips, dihedral"):
+        model.predict(images, tta="rotate")
+
+
+def test_predict_out_of_memory_halves_the_batch(trained, images, capsys):
+    small_gpu = hmnist.load(trained / "models/model.pt", device="cpu")
+    expected = small_gpu.predict(images, batch_size=4)
+    small_gpu.model = LimitedGpu(small_gpu.model, max_eval_batch=2).eval()
+    frame = small_gpu.predict(images, batch_size=4)  # decoded batches of 4 and 2
+    assert capsys.readouterr().err.count("out of GPU memory in inference; continuing with batches of 2") == 1
+    np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-5)
+    small_gpu.model.max_eval_batch = 0
+    with pytest.raises(UserError, match="out of GPU memory even for one image at a time"):
+        small_gpu.predict(images)
+
+
+def test_evaluate_out_of_memory_halves_the_batch(trained, monkeypatch, capsys):
+    from hmnist import evaluate as evaluate_module
+    from hmnist.data import load_prepared
+    from hmnist.models import load_checkpoint
+
+    checkpoint = load_checkpoint(trained / "models/model.pt")
+    images, _ = load_prepared(trained / "data/prepared")
+    expected = evaluate_module.evaluate(checkpoint, images[:20], 64, "cpu")
+    real = evaluate_module.inference_model
+    monkeypatch.setattr(evaluate_module, "inference_model", lambda checkpoint, device: (
+        LimitedGpu(real(checkpoint, device)[0], max_eval_batch=3).eval(), real(checkpoint, device)[1]))
+    probs = evaluate_module.evaluate(checkpoint, images[:20], 64, "cpu")
+    assert "out of GPU memory in inference; continuing with batches of 32" in capsys.readouterr().err
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
 
 
 def test_api(trained, model, images):

@@ -17,7 +17,8 @@ from PIL import Image
 import hmnist.prepare as prepare_module
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
-from hmnist.prepare import decode_image, load_prepared, prepare
+from hmnist.data import decode_image, load_prepared
+from hmnist.prepare import prepare
 from hmnist.synthetic import METADATA, image_folder
 
 from conftest import tiny_params

@@ -1,5 +1,7 @@
 import copy
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,15 +10,17 @@ import torch
 import torch.nn as nn
 import yaml
 
-from conftest import tiny_params
+from conftest import LimitedGpu, tiny_params
 from hmnist.config import ModelConfig, parse_params
-from hmnist.engine import Augment, Normalize, affine_grid, colour_affine, epoch_batches, jitter_reference
+from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
+from hmnist.data import load_prepared
+from hmnist.engine import backward_batch, class_weights, epoch_batches, lr_lambda
 from hmnist.errors import UserError
 from hmnist.models import create_model
-from hmnist.prepare import load_prepared, prepare
+from hmnist.prepare import prepare
 from hmnist.split import split_lesions
 from hmnist import train as train_module
-from hmnist.train import backward_batch, class_weights, lr_lambda, train
+from hmnist.train import train
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +38,8 @@ def params_for(synthetic_zip, **model):
     return parse_params(raw)
 
 
-def test_normalize_matches_definition():
-    norm = Normalize(8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), torch.device("cpu"))
+def test_model_input_matches_definition():
+    norm = ModelInput(8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), torch.device("cpu"))
     batch = torch.full((2, 16, 16, 3), 153, dtype=torch.uint8)  # 0.6 everywhere
     x = norm(batch)
     assert x.shape == (2, 3, 8, 8) and x.is_contiguous()
@@ -110,9 +114,9 @@ def test_fused_colour_jitter_equals_step_by_step_definition():
     assert torch.equal(fused, Augment(torch.Generator().manual_seed(4))(images.float()))  # same draws, same path
 
 
-def test_normalize_folds_normalising_into_the_colour_map():
+def test_model_input_folds_normalising_into_the_colour_map():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
-    norm = Normalize(20, mean, std, torch.device("cpu"))
+    norm = ModelInput(20, mean, std, torch.device("cpu"))
     batch = torch.randint(0, 256, (4, 20, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     folded = norm(batch, Augment(torch.Generator().manual_seed(5)))
     pixels = Augment(torch.Generator().manual_seed(5))(batch.permute(0, 3, 1, 2).float())
@@ -180,22 +184,10 @@ def test_training_learns_and_is_repeatable(data, synthetic_zip):
     assert meta["input_size"] == 32 and meta["prepare_size"] == 32
 
 
-class LimitedGpu(nn.Module):
-    """Raises CUDA's out-of-memory error for training batches larger than `max_batch`."""
-
-    def __init__(self, inner: nn.Module, max_batch: int):
-        super().__init__()
-        self.inner, self.max_batch = inner, max_batch
-
-    def forward(self, x):
-        if self.training and len(x) > self.max_batch:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.inner(x)
-
-
-def limit_gpu(monkeypatch, max_batch: int) -> None:
+def limit_gpu(monkeypatch, max_batch: int = 10**9, max_eval_batch: int = 10**9) -> None:
     real_create = train_module.create_model
-    monkeypatch.setattr(train_module, "create_model", lambda config: LimitedGpu(real_create(config), max_batch))
+    monkeypatch.setattr(train_module, "create_model",
+                        lambda config: LimitedGpu(real_create(config), max_batch, max_eval_batch))
     monkeypatch.setattr(train_module, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
 
 
@@ -230,20 +222,112 @@ def interrupt_second_epoch(monkeypatch):
     return real_evaluate
 
 
-def test_interrupted_run_resumes_to_the_same_result(data, synthetic_zip, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_weights(data, synthetic_zip, tmp_path, monkeypatch):
+    """DeiT with stochastic depth draws from torch's generator every step: a resume that did not
+    restore it (or the sampling and augmentation generator) would end with other weights."""
     images, index, split = data
-    params = params_for(synthetic_zip, epochs=3)
-    _, uninterrupted = train(params, images, index, split)
+    raw = tiny_params(synthetic_zip)
+    raw["model"] = "deit"
+    raw["models"]["deit"].update(epochs=3, drop_path_rate=0.2)
+    params = parse_params(raw)
+    whole = tmp_path / "whole.pt"
+    _, uninterrupted = train(params, images, index, split, resume_path=whole)
 
     resume = tmp_path / "resume.pt"
     real_evaluate = interrupt_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(params, images, index, split, resume_path=resume)
-    assert resume.exists()
+    assert torch.load(resume, weights_only=True)["epoch"] == 0  # stopped after the first epoch
     monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
-    model, resumed = train(params, images, index, split, resume_path=resume)
-    assert resumed["val_balanced_accuracy"] == uninterrupted["val_balanced_accuracy"]
+    _, resumed = train(params, images, index, split, resume_path=resume)
+    expected, got = torch.load(whole, weights_only=True), torch.load(resume, weights_only=True)
+    assert got["epoch"] == expected["epoch"] == 2
+    for name, tensor in expected["model"].items():  # the last epoch's weights, tensor by tensor
+        assert torch.equal(tensor, got["model"][name]), name
+    assert [r["train/loss"] for r in got["history"]["epochs"]] == [r["train/loss"] for r in expected["history"]["epochs"]]
     assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+
+
+def test_rng_state_round_trip_covers_every_generator(monkeypatch):
+    from hmnist.engine import rng_state, set_rng_state
+
+    cuda = {"state": [torch.tensor([1, 2, 3], dtype=torch.uint8)], "restored": None}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda["state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: cuda.update(restored=states))
+    generator = torch.Generator().manual_seed(5)
+    state = rng_state(generator)
+    draws = (torch.rand(3), np.random.rand(3), torch.rand(3, generator=generator))
+    set_rng_state(state, generator)
+    again = (torch.rand(3), np.random.rand(3), torch.rand(3, generator=generator))
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and torch.equal(draws[2], again[2])
+    assert cuda["restored"] is not None and torch.equal(cuda["restored"][0], cuda["state"][0])
+    path = Path(tempfile.mkdtemp()) / "state.pt"
+    torch.save(state, path)
+    torch.load(path, weights_only=True)  # the resume file must load without unpickling code
+
+
+def test_deterministic_mode_is_on_while_training_and_restored_after(data, synthetic_zip, monkeypatch):
+    images, index, split = data
+    seen = []
+    real_backward = train_module.backward_batch
+
+    def recording(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "backward_batch", recording)
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"]["epochs"] = 1
+    raw["train"]["deterministic"] = True
+    train(parse_params(raw), images, index, split)
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_validation_out_of_memory_halves_the_batch(data, synthetic_zip, monkeypatch, capsys):
+    images, index, split = data
+    params = params_for(synthetic_zip, epochs=1)
+    limit_gpu(monkeypatch)  # no limit: the same wrapper and normalisation as below
+    _, plain = train(params, images, index, split)
+    limit_gpu(monkeypatch, max_eval_batch=5)
+    _, limited = train(params, images, index, split)
+    assert "out of GPU memory in inference; continuing with batches of 32" in capsys.readouterr().err
+    assert limited["val_balanced_accuracy"] == plain["val_balanced_accuracy"]
+    limit_gpu(monkeypatch, max_eval_batch=0)
+    with pytest.raises(UserError, match="out of GPU memory even for one image at a time"):
+        train(params, images, index, split)
+
+
+@pytest.mark.parametrize("arch, no_decay", [
+    ("deit_tiny_patch16_224", {"pos_embed", "cls_token", "blocks.0.norm1.weight", "head.bias"}),
+    ("swin_tiny_patch4_window7_224", {"layers.0.blocks.0.attn.relative_position_bias_table", "head.fc.bias"}),
+])
+def test_weight_decay_groups_follow_timm(arch, no_decay):
+    from hmnist.engine import param_groups
+
+    model = create_model(ModelConfig(arch=arch, resize=224))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 1e-3, 0.05)
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert no_decay <= undecayed and not (no_decay & decayed)
+    assert any(n.endswith("qkv.weight") for n in decayed)
+    assert decayed | undecayed == set(names.values())
+    assert all(g["lr"] == 1e-3 for g in groups)
+
+
+def test_layer_decay_scales_each_layer(monkeypatch):
+    from hmnist.engine import param_groups
+
+    model = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=32))
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in param_groups(model, 1e-3, 0.05, layer_decay=0.5) for p in g["params"]}
+    assert lr_of["head.weight"] == pytest.approx(1e-3)
+    assert lr_of["blocks.11.attn.qkv.weight"] == pytest.approx(0.5e-3)
+    assert lr_of["blocks.0.attn.qkv.weight"] < lr_of["blocks.1.attn.qkv.weight"] < lr_of["blocks.11.attn.qkv.weight"]
+    assert lr_of["patch_embed.proj.weight"] == pytest.approx(1e-3 * 0.5 ** 13)
 
 
 def test_split_mismatch_is_reported(data, synthetic_zip):
@@ -262,7 +346,7 @@ def test_cuda_without_a_gpu_names_the_setting():
     assert resolve_device("cpu").type == "cpu"
 
 
-def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path, monkeypatch):
+def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path, monkeypatch, capsys):
     from hmnist.split import write_split
 
     raw = tiny_params(synthetic_zip)
@@ -273,6 +357,9 @@ def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path
     write_split(split_lesions(index.astype(str), parse_params(raw).split), tmp_path / "data/split.csv",
                 tmp_path / "metrics/split.json")
     monkeypatch.chdir(tmp_path)
+    abandoned = tmp_path / "models/.resume/0123456789abcdef.pt"  # a run whose params then changed
+    abandoned.parent.mkdir(parents=True)
+    abandoned.write_bytes(b"state")
 
     interrupt_second_epoch(monkeypatch)
     with pytest.raises(SystemExit) as stopped:
@@ -280,6 +367,8 @@ def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path
     assert stopped.value.code == 130
     assert not (tmp_path / "models/model.pt").exists()
     assert len(list((tmp_path / "models/.resume").iterdir())) == 1
+    assert not abandoned.exists()
+    assert "removed 1 resume state(s) of earlier unfinished runs with other params: 0123456789abcdef.pt" in capsys.readouterr().err
 
     train_module.main()  # the interruption was one-off: calls 3 and 4 are epochs 2 and 3
     assert (tmp_path / "models/model.pt").exists()

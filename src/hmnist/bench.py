@@ -32,12 +32,12 @@ import torch
 import torch.nn as nn
 import yaml
 
+from hmnist.augment import Augment, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, load_params
-from hmnist.engine import (Augment, Normalize, autocast, epoch_batches, memory_format,
-                           resolve_device, to_device)
+from hmnist.engine import (autocast, backward_batch, class_weights, epoch_batches, param_groups, resolve_device,
+                           to_device)
 from hmnist.models import create_model, data_config
 from hmnist.synthetic import write_dataset
-from hmnist.train import backward_batch, class_weights, param_groups
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,8 +64,8 @@ def measure(setups: dict[str, Callable[[], Step]], batch_size: int, device: torc
             warmup: int, rounds: int, profile: int = 0) -> dict[str, dict[str, Any]]:
     """Images/second of each way, timed in `rounds` interleaved rounds of `steps` steps.
 
-    One process's speed drifts by ~10% over a minute on a GPU (clocks, the host), which is as
-    large as the differences measured: so the ways take turns, in alternating order, and each
+    One process's speed drifts on a GPU (clocks, the host) by as much as the differences
+    measured (BENCHMARKS.md, run A): so the ways take turns, in alternating order, and each
     reports the median of its rounds. Peak memory is each way's own, from its set-up to the end
     of its warm-up. With `profile`, N more steps per way under torch.profiler give the device
     time per step: busy near 1 means the GPU bounds the step, far under 1 the host does.
@@ -126,7 +126,7 @@ def _model(config: ModelConfig, device: torch.device, compile: bool, channels_la
 def model_way(config: ModelConfig, device: torch.device, compile: bool) -> Step:
     """The model alone on one batch already on the device, in the train stage's precision."""
     model, run = _model(config, device, compile)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay), lr=config.lr,
                                   fused=device.type == "cuda")
     x = torch.randn(config.batch_size, 3, config.resize, config.resize, device=device)
     x = x.contiguous(memory_format=memory_format(device))
@@ -149,7 +149,7 @@ def _cache(config: ModelConfig, device: torch.device, n_images: int, size: int, 
     images = to_device(rng.integers(0, 256, (n_images, size, size, 3), dtype=np.uint8), device)
     labels = rng.choice(len(CLASSES), n_images, p=[0.11, 0.67, 0.05, 0.03, 0.11, 0.01, 0.02])
     norm = data_config(model)
-    normalize = Normalize(config.resize, norm["mean"], norm["std"], device)
+    model_input = ModelInput(config.resize, norm["mean"], norm["std"], device)
     generator = torch.Generator(device=device).manual_seed(1)
     augment = Augment(generator)
     batches = iter(())
@@ -161,7 +161,7 @@ def _cache(config: ModelConfig, device: torch.device, n_images: int, size: int, 
             batches = epoch_batches(n_images, config.batch_size, generator)
             batch = next(batches)
         return batch
-    return labels, next_batch, lambda rows: normalize(images[rows], augment)
+    return labels, next_batch, lambda rows: model_input(images[rows], augment)
 
 
 def input_way(config: ModelConfig, device: torch.device, n_images: int, size: int) -> Step:
@@ -177,7 +177,7 @@ def pipeline_way(config: ModelConfig, device: torch.device, compile: bool, n_ima
     labels = torch.from_numpy(labels_np).to(device)
     weights = class_weights(labels_np, 0.5).to(device)
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1, reduction="none")
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay), lr=config.lr,
                                   fused=device.type == "cuda")
 
     def step():

@@ -54,6 +54,9 @@ class ModelConfig:
     weight_decay: float = 0.05
     pretrained: bool = False  # ImageNet weights from the Hugging Face hub (or pretrained_path)
     pretrained_path: str | None = None  # local weights file (.safetensors/.pth); no network when set
+    # stochastic depth: each residual branch is skipped with a probability rising to this in the
+    # last block (timm's drop_path_rate); models without residual branches ignore it
+    drop_path_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augment: bool = True  # flips, rotation, random resized crop, colour jitter, all on the device
     compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
+    # deterministic kernels only: identical GPU runs, at some speed; CPU runs are identical anyway
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ def _validate(p: Params) -> None:
         need(m.epochs >= 1, f"{where}.epochs must be at least 1, got {m.epochs}")
         need(m.lr > 0, f"{where}.lr must be positive, got {m.lr}")
         need(m.weight_decay >= 0, f"{where}.weight_decay must be >= 0, got {m.weight_decay}")
+        need(0 <= m.drop_path_rate < 1, f"{where}.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
     t = p.train
     need(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
     need(t.balance in BALANCE, f"train.balance must be one of {', '.join(BALANCE)}, got {t.balance!r}")

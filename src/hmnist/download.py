@@ -25,9 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hmnist.config import DataConfig, load_params
+from hmnist.data import ARCHIVE
 from hmnist.errors import UserError, cli
 
-OUTPUT = Path("data/raw/skin-cancer-mnist-ham10000.zip")
 METADATA = "HAM10000_metadata.csv"  # at the top level of the Kaggle zip; its absence means the wrong thing
 ENDPOINT_VARIABLE = "HMNIST_KAGGLE_ENDPOINT"
 KAGGLE_API = "https://api.kaggle.com"
@@ -223,7 +223,7 @@ def _kaggle_endpoint(url: str):
 @cli
 def main() -> None:
     params = load_params()
-    out = download(params.data, OUTPUT)
+    out = download(params.data, ARCHIVE)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 

@@ -40,8 +40,8 @@ class Residual(nn.Module):
 
 class ResNet9(nn.Module):
     """The classic ResNet9 (DAWNBench CIFAR-10): conv64, conv128+pool, residual 2x128,
-    conv256+pool, conv512+pool, residual 2x512, pooling, linear. Adaptive pooling instead of
-    a fixed 4x4 max-pool, so any input size works."""
+    conv256+pool, conv512+pool, residual 2x512, global max pooling, linear. Global pooling
+    instead of a fixed 4x4 max-pool, so any input size works."""
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, **kwargs: Any):
         super().__init__()
@@ -53,7 +53,6 @@ class ResNet9(nn.Module):
             conv_bn(128, 256, pool=True),
             conv_bn(256, 512, pool=True), Residual(512),
         )
-        self.pool = nn.AdaptiveMaxPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(512, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -68,7 +67,9 @@ class ResNet9(nn.Module):
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.pool(x).flatten(1))
+        # amax, not nn.AdaptiveMaxPool2d: the same maximum, and its backward is deterministic on
+        # CUDA (AdaptiveMaxPool2d's is not, which train.deterministic would refuse)
+        x = self.drop(x.amax(dim=(2, 3)))
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,8 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
         raise UserError(f"unknown architecture '{config.arch}': use a name from timm.list_models() or resnet9")
     pretrained = config.pretrained if pretrained is None else pretrained
     kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if config.drop_path_rate:
+        kwargs["drop_path_rate"] = config.drop_path_rate
     if pretrained and config.pretrained_path:
         path = Path(config.pretrained_path)
         if not path.is_file():
@@ -129,11 +132,17 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
 
 
 def _check_hub(arch: str) -> None:
-    """Fail in seconds, not after the hub client's minute of retries, when it is unreachable."""
-    import socket
+    """Fail in seconds, not after the hub client's minute of retries, when it is unreachable.
+
+    The probe goes through huggingface_hub's own HTTP session, so HF_ENDPOINT, HTTP(S)_PROXY,
+    NO_PROXY, SSL settings and a custom client factory apply exactly as in the real download.
+    """
+    import os
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants, try_to_load_from_cache
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import constants, get_session, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers
 
     cfg = timm.models.get_pretrained_cfg(arch)
     hub_id = getattr(cfg, "hf_hub_id", None)
@@ -141,20 +150,45 @@ def _check_hub(arch: str) -> None:
         raise UserError(f"timm has no ImageNet weights for {arch}: set pretrained: false, "
                         f"or pretrained_path to a weights file")
     repo, _, revision = hub_id.partition("@")
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+    # timm asks for its configured file if any, else model.safetensors before pytorch_model.bin
+    filenames = [f for f in (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin") if f]
+    for filename in filenames:
         if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
-            return  # cached: no network needed
+            return  # cached: no network needed, offline mode included
     fix = "set pretrained_path to a local weights file, or pretrained: false to train from scratch"
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"ImageNet weights for {arch} are not in the Hugging Face cache and HF_HUB_OFFLINE "
                         f"is set: {fix}")
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    url = hf_hub_url(repo, filenames[0], revision=revision or None)
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    where = f"{endpoint.hostname}:{port}" if endpoint.hostname else f"HF_ENDPOINT={constants.ENDPOINT!r}"
+    # a user who raised HF_HUB_ETAG_TIMEOUT for a slow link gets it here too
+    timeout = constants.HF_HUB_ETAG_TIMEOUT if os.environ.get("HF_HUB_ETAG_TIMEOUT") else 5
+    headers = build_hf_headers(library_name="timm", library_version=timm.__version__)
     try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as e:
-        raise UserError(f"cannot reach the Hugging Face hub ({host}:{port}: {e.strerror or e}) to download "
-                        f"ImageNet weights for {arch}: {fix}") from None
+        # one HEAD, no retries, redirects not followed: any HTTP answer (even 401 or 404) proves
+        # the hub is reachable, and timm's download then runs with its own retries as before
+        get_session().head(url, headers=headers, timeout=timeout, follow_redirects=False)
+    except (httpx2.HTTPError, httpx2.InvalidURL, OSError) as e:  # connect, proxy, TLS, timeout, bad HF_ENDPOINT
+        proxy = _env_proxy(constants.ENDPOINT)
+        via = f" via proxy {proxy}" if proxy else ""
+        raise UserError(f"cannot reach the Hugging Face hub ({where}{via}: {type(e).__name__}: "
+                        f"{_first_line(e)}) to download ImageNet weights for {arch}: {fix}") from None
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (as httpx reads it), credentials removed."""
+    from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass_environment
+
+    parsed = urlparse(url)
+    proxies = getproxies()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if not proxy or proxy_bypass_environment(parsed.hostname or "", proxies):
+        return None
+    shown = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    return f"{shown.scheme}://{shown.hostname}" + (f":{shown.port}" if shown.port else "")
 
 
 def _create(arch: str, pretrained: bool, img_size: int, **kwargs: Any) -> nn.Module:
@@ -164,7 +198,12 @@ def _create(arch: str, pretrained: bool, img_size: int, **kwargs: Any) -> nn.Mod
         if "img_size" not in str(e):
             raise
         # CNNs take any input size and have no img_size argument
-        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        try:
+            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        except TypeError as e:
+            if "drop_path_rate" not in str(e):
+                raise
+            raise UserError(f"{arch} has no stochastic depth: set its drop_path_rate to 0") from None
 
 
 def _first_line(e: BaseException) -> str:

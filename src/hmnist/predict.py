@@ -6,14 +6,14 @@
 PATH is any mix of image files and folders; folders are searched recursively for JPEG and
 PNG files (.jpg, .jpeg, .png, any case), skipping hidden files and folders as a shell glob
 does. Preprocessing comes from the checkpoint alone: each image is decoded by
-`prepare.decode_image` at the checkpoint's prepare_size, the function that built the cache the
+`data.decode_image` at the checkpoint's prepare_size, the function that built the cache the
 model was evaluated on, then resized and normalised on the device exactly as in evaluation.
 
 From Python:
 
     import hmnist
     model = hmnist.load("models/model.pt")
-    frame = model.predict(["new_images/"], batch_size=64, tta=False, skip_bad=False)
+    frame = model.predict(["new_images/"], batch_size=64, tta="none", skip_bad=False)
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def check_unique_names(files: Sequence[Path]) -> None:
 
 def read_image(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
     """(size x size x 3 uint8 image, None), or (None, why it cannot be read)."""
-    from hmnist.prepare import decode_image
+    from hmnist.data import decode_image
 
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return None, "not a JPEG or PNG file: its name does not end in .jpg, .jpeg or .png"
@@ -114,7 +114,7 @@ class Predictor:
             self.classes = list(state["classes"])
             self.model_name, self.arch = str(state["model_name"]), str(state["arch"])
             self.input_size, self.prepare_size = int(state["input_size"]), int(state["prepare_size"])
-            self.model, self.normalize = inference_model(state, self.device)
+            self.model, self.model_input = inference_model(state, self.device)
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -132,11 +132,12 @@ class Predictor:
                 f"from {self.checkpoint_path}, on {self.device})")
 
     def predict(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
-                tta: bool = False, skip_bad: bool = False, progress: bool | None = False) -> pd.DataFrame:
+                tta: str = "none", skip_bad: bool = False, progress: bool | None = False) -> pd.DataFrame:
         """Probabilities for every image in `paths`, in the ISIC 2018 submission format.
 
         Columns image, MEL, NV, BCC, AKIEC, BKL, DF, VASC; one row per image, sorted by image
-        (the file name without extension). `tta` averages the four flips. With `skip_bad`, files
+        (the file name without extension). `tta`: "none", "flips" (average of the four flips) or
+        "dihedral" (the eight flips and right-angle rotations), as `evaluate.tta`. With `skip_bad`, files
         that cannot be decoded are left out with a warning on stderr and listed in
         `frame.attrs["skipped"]`; without it the first one raises UserError.
         `progress=None` shows a bar only on a terminal.
@@ -144,17 +145,22 @@ class Predictor:
         import torch
         from tqdm import tqdm
 
-        from hmnist.engine import predict_probs
-        from hmnist.evaluate import submission_frame
+        from hmnist.engine import TTA, BatchSize, predict_probs
+        from hmnist.metrics import submission_frame
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
+        if isinstance(tta, bool):  # the older signature: tta=True meant the four flips
+            tta = "flips" if tta else "none"
+        if tta not in TTA:
+            raise UserError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
         files = find_images(paths)
         check_unique_names(files)
 
         names, probs, skipped = [], [], []
+        inference_batch = BatchSize(batch_size)  # halved on out-of-memory, for all later batches too
         bar = tqdm(total=len(files), desc="predict", unit="img",
                    disable=None if progress is None else not progress)
         with bar, ThreadPoolExecutor(DECODE_THREADS) as pool, \
@@ -171,7 +177,8 @@ class Predictor:
                     skipped.append(str(path))
                 if good:
                     images = torch.from_numpy(np.stack([image for _, image in good]))
-                    probs.append(predict_probs(self.model, images, self.normalize, len(good), self.device, tta=tta))
+                    probs.append(predict_probs(self.model, images, self.model_input, inference_batch, self.device,
+                                               tta=tta))
                     names += [path.stem for path, _ in good]
                 bar.update(len(batch))
         if not names:
@@ -225,8 +232,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when present, else the CPU (default: %(default)s)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average the four flips of each image (4x slower)")
+    parser.add_argument("--tta", nargs="?", const="flips", default="none", choices=("none", "flips", "dihedral"),
+                        help="test-time augmentation: average over the four flips of each image (--tta or "
+                             "--tta flips, 4x slower) or the eight flips and right-angle rotations (--tta dihedral, "
+                             "8x); as evaluate.tta, so predict and evaluate agree (default: %(default)s)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip files that cannot be decoded, with a warning, instead of stopping")
 
@@ -244,7 +253,8 @@ def run(args: argparse.Namespace) -> None:
         for path in skipped:
             print(f"  {path}", file=sys.stderr)
     where = "stdout" if args.out == "-" else args.out
-    print(f"{predictor.model_name} ({predictor.arch}) classified {len(frame)} image(s){' with TTA' if args.tta else ''}: "
+    print(f"{predictor.model_name} ({predictor.arch}) classified {len(frame)} image(s)"
+          f"{'' if args.tta == 'none' else f' with TTA ({args.tta})'}: "
           f"wrote {where}", file=report)
 
 

@@ -5,8 +5,8 @@
 Reads data/raw/skin-cancer-mnist-ham10000.zip in place (no unpacking) and writes
 data/prepared/images.npy, an N x size x size x 3 uint8 RGB array, and data/prepared/index.csv
 (image_id, lesion_id, dx, label), whose row i describes images[i], sorted by image_id. Training
-and evaluation read only these: no JPEG is decoded twice. `predict` decodes its inputs with
-`decode_image`, the function this stage uses, so its pixels match the ones the model was
+and evaluation read only these: no JPEG is decoded twice. Each image goes through
+`data.decode_image`, which `predict` uses too, so its pixels match the ones the model was
 evaluated on.
 """
 from __future__ import annotations
@@ -22,52 +22,21 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from hmnist.config import CLASSES, load_params
+from hmnist.data import ARCHIVE, IMAGES_FILE, INDEX_FILE, PREPARED, decode_image
 from hmnist.errors import UserError, cli
 
-ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
-OUT_DIR = Path("data/prepared")
-IMAGES, INDEX = "images.npy", "index.csv"
 METADATA = "HAM10000_metadata.csv"
 COLUMNS = ("image_id", "lesion_id", "dx")  # the metadata columns this stage reads
 # The Kaggle zip holds every image twice: in these folders and in lower-case copies of them.
 # The upper-case ones are the dataset's own names, so they win; the copies are a fallback.
 IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
-# PIL's resize filters widen with the reduction, so bilinear is antialiased. After draft() the
-# reduction is mild (300x225 -> 224x224 for size 224): bilinear lands as close to a full-size
-# Lanczos reference as bicubic or Lanczos do (mean |difference| 1.08 grey levels vs 1.05 and
-# 1.07) at 10-30% less CPU per image; box is cheaper still but further off (1.73).
-RESAMPLE = Image.Resampling.BILINEAR
 # Images per pool task: big enough that the per-task cost (pickling the member names, a
 # round trip to the worker) vanishes, small enough that both workers finish together and
 # the progress bar moves.
 CHUNK = 16
-
-
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """One image file's bytes -> size x size x 3 uint8 RGB. Raises ValueError if undecodable.
-
-    The whole image is resized to the square, squashing HAM10000's 4:3 frame instead of
-    cropping its centre: lesions are not always centred, and a centre crop would cut off a
-    quarter of the field of view, borders of large lesions included. Every model takes square
-    input, and train, evaluate and predict all see the same squash, so the model learns it.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling) while the result stays
-            # at least size x size: 600x450 decodes as 300x225 for size 224, and the resize
-            # then reads a quarter of the pixels. Half the CPU time of a full decode and resize
-            # (BENCHMARKS.md). A no-op for formats other than JPEG.
-            image.draft("RGB", (size, size))
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            # np.array, not asarray: a writable array the caller owns
-            return np.array(rgb.resize((size, size), RESAMPLE))
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        # UnidentifiedImageError and "image file is truncated" are OSErrors
-        raise ValueError(str(e) or type(e).__name__) from None
 
 
 def read_metadata(archive: zipfile.ZipFile) -> list[dict]:
@@ -136,7 +105,7 @@ def prepare(archive_path: str | Path, out_dir: str | Path, size: int = 224, work
     only on a terminal.
     """
     archive_path, out_dir = Path(archive_path), Path(out_dir)
-    images_path, index_path = out_dir / IMAGES, out_dir / INDEX
+    images_path, index_path = out_dir / IMAGES_FILE, out_dir / INDEX_FILE
     # The outputs exist only if the last run succeeded: a failed run must not leave an older
     # cache (another size, another archive) looking current.
     images_path.unlink(missing_ok=True)
@@ -146,7 +115,7 @@ def prepare(archive_path: str | Path, out_dir: str | Path, size: int = 224, work
         members = find_members(archive.namelist(), [r["image_id"] for r in rows])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    images_tmp, index_tmp = out_dir / (IMAGES + ".partial"), out_dir / (INDEX + ".partial")
+    images_tmp, index_tmp = out_dir / (IMAGES_FILE + ".partial"), out_dir / (INDEX_FILE + ".partial")
     try:
         np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3)).flush()
         tasks = [(start, [(r["image_id"], m) for r, m in zip(rows[start:start + CHUNK], members[start:start + CHUNK])])
@@ -162,23 +131,6 @@ def prepare(archive_path: str | Path, out_dir: str | Path, size: int = 224, work
         images_tmp.unlink(missing_ok=True)
         index_tmp.unlink(missing_ok=True)
     return rows
-
-
-def load_prepared(folder: str | Path = OUT_DIR):
-    """(images, index): images.npy memory-mapped read-only, and index.csv as a DataFrame."""
-    # pandas is imported here, not at the top: it would add 0.3 s to this stage's start-up
-    import pandas as pd
-
-    folder = Path(folder)
-    try:
-        images = np.load(folder / IMAGES, mmap_mode="r")
-        index = pd.read_csv(folder / INDEX, dtype={"image_id": str, "lesion_id": str, "dx": str, "label": int})
-    except FileNotFoundError as e:
-        raise UserError(f"{e.filename} not found: run the prepare stage first (dvc repro prepare)") from None
-    if len(images) != len(index):
-        raise UserError(f"{folder}: {IMAGES} holds {len(images)} images but {INDEX} lists {len(index)}: "
-                        "run the prepare stage again")
-    return images, index
 
 
 def _decode_all(tasks, total, archive_path, images_path, size, workers, progress) -> None:
@@ -275,8 +227,8 @@ def _some(items: list[str], limit: int = 5) -> str:
 @cli
 def main() -> None:
     params = load_params()
-    rows = prepare(ARCHIVE, OUT_DIR, params.prepare.size, params.prepare.workers)
-    print(f"prepared {len(rows)} images ({params.prepare.size}x{params.prepare.size}) in {OUT_DIR}")
+    rows = prepare(ARCHIVE, PREPARED, params.prepare.size, params.prepare.workers)
+    print(f"prepared {len(rows)} images ({params.prepare.size}x{params.prepare.size}) in {PREPARED}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from hmnist.config import CLASSES, SplitConfig, load_params
+from hmnist.data import INDEX_FILE, PREPARED, SPLIT, SPLIT_STATS
 from hmnist.errors import UserError, cli
 
 SPLITS = ("train", "val", "test")
@@ -82,12 +83,12 @@ def write_split(split: pd.DataFrame, out: Path, stats_out: Path) -> None:
 @cli
 def main() -> None:
     params = load_params()
-    index_path = Path("data/prepared/index.csv")
+    index_path = PREPARED / INDEX_FILE
     if not index_path.exists():
         raise UserError(f"{index_path} not found: run `dvc repro prepare` first")
     index = pd.read_csv(index_path, dtype=str)
     split = split_lesions(index, params.split)
-    write_split(split, Path("data/split.csv"), Path("metrics/split.json"))
+    write_split(split, SPLIT, SPLIT_STATS)
     stats = split_stats(split)
     print(", ".join(f"{s}: {stats[s]['images']} images ({stats[s]['lesions']} lesions)" for s in SPLITS))
 

@@ -20,77 +20,16 @@ import pandas as pd
 import timm
 import torch
 import torch.nn as nn
-from sklearn.metrics import balanced_accuracy_score
 from tqdm import tqdm
 
+from hmnist.augment import Augment, ModelInput, memory_format
 from hmnist.config import CLASSES, Params, load_params
-from hmnist.engine import (Augment, Normalize, autocast, epoch_batches, memory_format,
-                           predict_probs, resolve_device, to_device)
+from hmnist.data import CHECKPOINT, CURVES, LIVE_DIR, PREPARED, RESUME_DIR, load_prepared, load_split, split_rows
+from hmnist.engine import (BatchSize, backward_batch, class_weights, deterministic, epoch_batches, lr_lambda, param_groups,
+                           predict_probs, resolve_device, rng_state, set_rng_state, to_device)
 from hmnist.errors import UserError, cli
+from hmnist.metrics import summary_metrics
 from hmnist.models import create_model, data_config, save_checkpoint
-
-PREPARED = Path("data/prepared")
-SPLIT = Path("data/split.csv")
-CHECKPOINT = Path("models/model.pt")
-RESUME_DIR = Path("models/.resume")
-LIVE_DIR = "dvclive"
-CURVES = Path("plots/training_curves.png")
-
-
-def split_rows(index: pd.DataFrame, split: pd.DataFrame, name: str) -> np.ndarray:
-    """Row numbers in the prepared cache of the images in split `name`, in cache order."""
-    if len(index) != len(split) or set(index["image_id"]) != set(split["image_id"]):
-        raise UserError(f"{SPLIT} does not match {PREPARED}/index.csv: run `dvc repro split`")
-    wanted = set(split.loc[split["split"] == name, "image_id"])
-    return np.flatnonzero(index["image_id"].isin(wanted).to_numpy())
-
-
-def class_weights(labels: np.ndarray, power: float) -> torch.Tensor:
-    """(1 / frequency) ** power, scaled so that the average sample weighs 1."""
-    counts = np.bincount(labels, minlength=len(CLASSES)).astype(np.float64)
-    weights = np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** power, 0.0)
-    weights *= counts.sum() / (weights * counts).sum()
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def lr_lambda(warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and embeddings (1-d parameters), as timm does."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: nn.Module,
-                   loss_weights: torch.Tensor | None, batch: torch.Tensor, micro_batches: int,
-                   device: torch.device) -> torch.Tensor:
-    """Accumulate the gradient of one batch's mean loss over `micro_batches` forward passes.
-
-    Each micro-batch's summed loss is divided by the whole batch's weight (what a weighted
-    mean-reduced cross-entropy divides by), so the gradient is the full batch's, exactly,
-    for models without batch statistics.
-    """
-    labels = targets[batch]
-    total_weight = loss_weights[labels].sum() if loss_weights is not None else len(batch)
-    total = torch.zeros((), device=targets.device)
-    for chunk in batch.tensor_split(micro_batches):
-        x = inputs(chunk)
-        with autocast(device):  # the forward pass only; the loss is taken in fp32
-            logits = model(x)
-        loss = criterion(logits.float(), targets[chunk]).sum() / total_weight
-        loss.backward()
-        total += loss.detach()  # stays on the device: a .item() here would stall the GPU every step
-    return total
 
 
 @dataclass
@@ -100,15 +39,8 @@ class History:
     best_score: float = -1.0
 
 
-def evaluate_split(model, images, labels, normalize, batch_size, device) -> dict[str, float]:
-    probs = predict_probs(model, images, normalize, batch_size, device)
-    predicted = probs.argmax(1)
-    likelihood = probs[np.arange(len(labels)), labels]
-    return {
-        "loss": float(-np.log(np.clip(likelihood, 1e-12, None)).mean()),
-        "accuracy": float((predicted == labels).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-    }
+def evaluate_split(model, images, labels, model_input, batch_size, device) -> dict[str, float]:
+    return summary_metrics(labels, predict_probs(model, images, model_input, batch_size, device))
 
 
 def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]) -> str:
@@ -124,6 +56,12 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
           resume_path: Path | None = None, live: Any = None,
           curves: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train the selected model; returns the best-epoch model and checkpoint metadata."""
+    with deterministic(params.train.deterministic):
+        return _train(params, images, index, split, resume_path, live, curves)
+
+
+def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame,
+           resume_path: Path | None, live: Any, curves: Path | None) -> tuple[nn.Module, dict[str, Any]]:
     config, tc = params.model_config, params.train
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
@@ -137,7 +75,7 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
 
     model = create_model(config).to(device).to(memory_format=memory_format(device))
     norm = data_config(model)
-    normalize = Normalize(config.resize, norm["mean"], norm["std"], device)
+    model_input = ModelInput(config.resize, norm["mean"], norm["std"], device)
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1)
     augment = Augment(generator) if tc.augment else None
 
@@ -147,8 +85,11 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
     sample_weights = weights[train_labels] if tc.balance == "sampler" else None
 
     batch_size = min(config.batch_size, len(train_rows))
+    # inference keeps no activations for backward: twice the training batch fits where it does
+    # (and predict_probs halves it if not), and the batch size does not change the result
+    val_batch_size = BatchSize(2 * config.batch_size)
     steps_per_epoch = max(1, len(train_rows) // batch_size)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay), lr=config.lr,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(round(tc.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch))
@@ -160,8 +101,7 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
+        set_rng_state(state["rng"], generator)
         history = History(**state["history"])
         best_state, start_epoch, accum = state["best_state"], state["epoch"] + 1, state["accum"]
         print(f"resuming after epoch {start_epoch} of {config.epochs} from {resume_path}", file=sys.stderr)
@@ -170,7 +110,7 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
                 _log(live, record)
 
     def inputs(rows: torch.Tensor) -> torch.Tensor:
-        return normalize(train_images[rows], augment)
+        return model_input(train_images[rows], augment)
 
     def step(batch: torch.Tensor) -> torch.Tensor:
         nonlocal accum
@@ -183,7 +123,8 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
                 return loss
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 if len(batch) // accum <= 1:
                     raise UserError(f"out of GPU memory even with micro-batches of 1 for {config.arch} "
                                     f"at {config.resize}px: lower resize or use a smaller model") from None
@@ -201,9 +142,11 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
             losses.append(step(batch))
             if i % 20 == 0:  # reading the loss waits for the GPU: not every step
                 bar.set_postfix(loss=f"{losses[-1].item():.3f}")
-        val = evaluate_split(model, val_images, val_labels, normalize, params.evaluate.batch_size, device)
+        train_seconds = time.perf_counter() - started
+        val = evaluate_split(model, val_images, val_labels, model_input, val_batch_size, device)
         record = {"epoch": epoch + 1, "train/loss": torch.stack(losses).mean().item(), "lr": scheduler.get_last_lr()[0],
-                  **{f"val/{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - started}
+                  **{f"val/{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - started,
+                  "train_images_per_second": steps_per_epoch * batch_size / train_seconds}
         history.epochs.append(record)
         print(f"epoch {epoch + 1}: train loss {record['train/loss']:.4f}, val loss {val['loss']:.4f}, "
               f"accuracy {val['accuracy']:.4f}, balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
@@ -215,9 +158,9 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
         if resume_path is not None:
             resume_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(), "history": asdict(history),
-                        "best_state": best_state, "epoch": epoch, "accum": accum}, resume_path.with_suffix(".tmp"))
+                        "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
+                        "history": asdict(history), "best_state": best_state, "epoch": epoch, "accum": accum},
+                       resume_path.with_suffix(".tmp"))
             resume_path.with_suffix(".tmp").replace(resume_path)
 
     model.load_state_dict(best_state)
@@ -233,12 +176,15 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
         "prepare_size": int(images.shape[1]),
         "mean": list(norm["mean"]),
         "std": list(norm["std"]),
-        "config": params.to_dict(),
+        # the params this stage reads (dvc.yaml), not the whole file: the checkpoint must not
+        # claim settings, such as data.source, that DVC does not re-run training for
+        "params": {"model": params.model, f"models.{params.model}": asdict(config), "train": asdict(tc)},
         "best_epoch": history.best_epoch,
         "val_balanced_accuracy": best["val/balanced_accuracy"],
         "val_accuracy": best["val/accuracy"],
         "effective_batch_size": batch_size,
         "micro_batches": accum,
+        "train_images_per_second": float(np.median([r["train_images_per_second"] for r in history.epochs])),
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
     return model.eval(), meta
@@ -269,24 +215,33 @@ def plot_history(epochs: list[dict[str, float]], best_epoch: int, path: Path) ->
 def _log(live: Any, record: dict[str, float]) -> None:
     for key, value in record.items():
         # wall time varies run to run: keep it out of the metrics, so same params give same metrics
-        if key not in ("epoch", "epoch_seconds"):
+        if key not in ("epoch", "epoch_seconds", "train_images_per_second"):
             live.log_metric(key, value)
     live.next_step()
+
+
+def remove_abandoned_states(folder: Path, keep: Path) -> list[Path]:
+    """Delete the resume states of runs whose params changed before they finished: they can
+    never be resumed (the key is the params' hash) and each holds a whole training state."""
+    removed = [path for path in folder.glob("*") if path.is_file() and path != keep]
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 @cli
 def main() -> None:
     from dvclive import Live
 
-    from hmnist.prepare import load_prepared
-
     params = load_params()
-    if not SPLIT.exists():
-        raise UserError(f"{SPLIT} not found: run `dvc repro split` first")
+    split = load_split()
     images, index = load_prepared(PREPARED)
-    split = pd.read_csv(SPLIT, dtype=str)
     resume_path = RESUME_DIR / f"{resume_key(params, split, images.shape)}.pt"
-    with Live(LIVE_DIR, dvcyaml=False, report=None, save_dvc_exp=False) as live:
+    removed = remove_abandoned_states(RESUME_DIR, keep=resume_path)
+    if removed:
+        print(f"removed {len(removed)} resume state(s) of earlier unfinished runs with other params: "
+              f"{', '.join(p.name for p in removed)}", file=sys.stderr)
+    with Live(str(LIVE_DIR), dvcyaml=False, report=None, save_dvc_exp=False) as live:
         model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=CURVES)
         live.summary["best/epoch"] = meta["best_epoch"]
         live.summary["best/val_balanced_accuracy"] = meta["val_balanced_accuracy"]
@@ -294,7 +249,8 @@ def main() -> None:
     save_checkpoint(CHECKPOINT, model, meta)
     resume_path.unlink(missing_ok=True)  # finished: a re-run with these params starts afresh
     print(f"saved {CHECKPOINT}: {params.model} best epoch {meta['best_epoch']}, "
-          f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}")
+          f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}, "
+          f"{meta['train_images_per_second']:.0f} training images/s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""The device-resident input pipeline: a uint8 cache batch in, the model's input out.
+
+HAM10000 is small: at 224x224 the whole uint8 cache fits on a GPU, so it is moved there once
+and every batch is gathered, resized, augmented and normalised there, as a few whole-batch
+kernels. A CPU-side loader (decode JPEG, PIL transforms, DataLoader workers) cannot keep a
+modern GPU busy on a model as small as DeiT-tiny. On the CPU the same code runs in memory.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Random resized crop, as a fraction of the image area and width/height ratio. torchvision's
+# default area range (0.08, 1) crops most of a lesion away; dermoscopy keeps the lesion whole.
+CROP_AREA = (0.35, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+JITTER = 0.1  # brightness, contrast, saturation factors in [1 - JITTER, 1 + JITTER]: mild, colour is diagnostic
+GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale; sums to 1
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last feeds the GPU's tensor cores without transposes; on the CPU it is slower."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+class ModelInput:
+    """uint8 NHWC cache batch -> the model's input: float NCHW at the model's size, augmented
+    when given an `Augment`, normalised, channels_last on the GPU.
+
+    With an `Augment`, the colour jitter and the normalisation are one per-sample affine map of
+    the three channels (three multiply-adds and a clamp), not a dozen full-size passes.
+    """
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+        self.size = size
+        self.mean = torch.tensor(mean, device=device) * 255
+        self.std = torch.tensor(std, device=device) * 255
+        # the clamp to 0..255 that colour jitter needs, in normalised units
+        self.low, self.high = -self.mean / self.std, (255 - self.mean) / self.std
+        self.memory_format = memory_format(device)
+
+    def resize(self, batch: torch.Tensor) -> torch.Tensor:
+        # to float and to NCHW planes in one pass (.float() of the permuted view would keep NHWC
+        # strides); the augmentation reads the planes, and its output is laid out for the model
+        x = torch.empty(batch.shape[0], 3, *batch.shape[1:3], device=batch.device)
+        x.copy_(batch.permute(0, 3, 1, 2))
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            # antialias: the cache is usually larger than a CNN's input, and plain bilinear aliases
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    def __call__(self, batch: torch.Tensor, augment: Augment | None = None) -> torch.Tensor:
+        x = self.resize(batch)
+        if augment is None:
+            x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        else:
+            u = augment.draw(x.shape[0])
+            x = augment.geometry(x, u)
+            matrix, offset = augment.colour(x, u)
+            # normalising is affine too: fold it in, (A x + b - mean) / std
+            x = colour_affine(x, matrix / self.std[:, None], (offset - self.mean) / self.std, self.low, self.high,
+                              self.memory_format)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def colour_affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, low: torch.Tensor,
+                  high: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """clamp(matrix[i] @ pixel + offset[i], low, high) for every pixel of each image i of an NCHW
+    batch: `matrix` (n, 3, 3), `offset` (n, 3), `low` and `high` per channel (3,).
+
+    Three multiply-adds over the batch, written straight into `memory_format`: a batched matrix
+    product with an inner size of 3 is far slower on a GPU (cuBLAS is not made for it; the
+    profile is in BENCHMARKS.md).
+    """
+    n, c = x.shape[:2]
+    m = matrix.view(n, c, c, 1, 1)
+    out = torch.empty_like(x, memory_format=memory_format)
+    torch.addcmul(offset.view(n, c, 1, 1), x[:, 0:1], m[:, :, 0], out=out)
+    for j in range(1, c):
+        out.addcmul_(x[:, j:j + 1], m[:, :, j])
+    return out.clamp_(low.view(1, c, 1, 1), high.view(1, c, 1, 1))
+
+
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """F.affine_grid(theta, (n, c, height, width), align_corners=False), by broadcasting: the
+    sampling grid is x-part + y-part, one full-size add, instead of F.affine_grid's batched
+    product with an inner size of 3 (slow on a GPU, as `colour_affine` says)."""
+    n = theta.shape[0]
+    xs, ys = _pixel_centres(height, width, theta.device)
+    return theta[:, :, 0].view(n, 1, 1, 2) * xs + (theta[:, :, 1].view(n, 1, 1, 2) * ys + theta[:, :, 2].view(n, 1, 1, 2))
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y of the pixel centres in [-1, 1] (align_corners=False), shaped to broadcast."""
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=device).view(1, 1, width, 1)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=device).view(1, height, 1, 1)
+    return xs, ys
+
+
+class Augment:
+    """Flips both ways, any rotation, random resized crop and mild colour jitter, for a whole
+    batch at once on its device: one affine grid_sample does crop, rotation and flips, and one
+    per-sample 3x3 colour matrix does brightness, contrast and saturation.
+
+    All of a batch's random numbers come from one draw on `generator`, so a step costs a few
+    kernel launches, not dozens: on a GPU, a small model's step is bound by launches.
+    """
+
+    # one column per random quantity: (low, high) of its uniform draw
+    RANGES = (
+        CROP_AREA,                                           # 0 crop area, fraction of the image
+        (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])),  # 1 log width/height ratio
+        (-math.pi, math.pi),                                 # 2 rotation: lesions have no "up"
+        (0, 1), (0, 1),                                      # 3, 4 horizontal / vertical flip if < 0.5
+        (-1, 1), (-1, 1),                                    # 5, 6 crop centre, in the room left
+        (1 - JITTER, 1 + JITTER),                            # 7 brightness
+        (1 - JITTER, 1 + JITTER),                            # 8 contrast
+        (1 - JITTER, 1 + JITTER),                            # 9 saturation
+    )
+
+    def __init__(self, generator: torch.Generator):
+        """Batches must be on `generator`'s device."""
+        self.generator = generator
+        device = generator.device
+        ranges = torch.tensor(self.RANGES, dtype=torch.float32, device=device)
+        self.low, self.span = ranges[:, 0], ranges[:, 1] - ranges[:, 0]
+        self.gray = torch.tensor(GRAY, device=device)
+        self.eye = torch.eye(3, device=device)
+        self.signs = torch.tensor([1.0, -1.0], device=device)
+        self.pixel_low, self.pixel_high = torch.zeros(3, device=device), torch.full((3,), 255.0, device=device)
+
+    def draw(self, n: int) -> torch.Tensor:
+        """All the random numbers of `n` images, (n, len(RANGES)), each in its range: one kernel."""
+        r = torch.rand(n, len(self.RANGES), generator=self.generator, device=self.generator.device)
+        return torch.addcmul(self.low, r, self.span)
+
+    def geometry(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, rotation and flips of a float NCHW batch, as drawn in `u`."""
+        size = torch.sqrt(u[:, 0:1] * torch.exp(u[:, 1:2] * self.signs)).clamp_(max=1)  # width, height
+        scale = size * torch.where(u[:, 3:5] < 0.5, -1.0, 1.0)  # flips
+        shift = u[:, 5:7] * (1 - size)
+        cos, sin = torch.cos(u[:, 2:3]), torch.sin(u[:, 2:3])
+        # theta = [[w cos fx, -h sin fy, dx], [w sin fx, h cos fy, dy]], w h in fractions of the side
+        rotation = torch.cat([cos, -sin, sin, cos], dim=1).view(-1, 2, 2)
+        theta = torch.cat([rotation * scale.unsqueeze(1), shift.unsqueeze(2)], dim=2)
+        grid = affine_grid(theta, x.shape[2], x.shape[3])
+        # reflection: rotated corners show mirrored skin rather than black wedges
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def colour(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour jitter of `jitter_reference` drawn in `u`, as `matrix @ pixel + offset`,
+        then clamped to 0..255. Brightness b, contrast c about the mean grey level, saturation s
+        about each pixel's grey: with grey weights w (summing to 1) and S = sI + (1-s) 1 w^T,
+        matrix = c b S and offset = (1-c) b mean(w.x) on every channel, since S keeps grey."""
+        b, c, s = (u[:, i].view(-1, 1, 1) for i in (7, 8, 9))
+        saturation = s * self.eye + (1 - s) * self.gray.view(1, 1, 3)  # row i: s e_i + (1 - s) w
+        mean_gray = (x.mean(dim=(2, 3)) @ self.gray).view(-1, 1)
+        offset = ((1 - c) * b).view(-1, 1) * mean_gray
+        return c * b * saturation, offset.expand(-1, 3)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The augmented float NCHW batch, in 0..255 (`ModelInput` folds normalising in instead)."""
+        u = self.draw(x.shape[0])
+        x = self.geometry(x, u)
+        matrix, offset = self.colour(x, u)
+        return colour_affine(x, matrix, offset, self.pixel_low, self.pixel_high)
+
+
+def jitter_reference(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                     saturation: torch.Tensor) -> torch.Tensor:
+    """The colour jitter `Augment.colour` computes, step by step: the definition it is tested
+    against. Factors are per image, shape (n,)."""
+    b, c, s = (f.view(-1, 1, 1, 1) for f in (brightness, contrast, saturation))
+    weights = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = x * b
+    mean = (x * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * c + mean
+    gray = (x * weights).sum(1, keepdim=True)
+    x = gray + (x - gray) * s
+    return x.clamp(0, 255)

@@ -1,0 +1,76 @@
+"""Classification metrics of predicted probabilities, and the ISIC 2018 submission frame.
+
+Balanced accuracy (mean per-class recall) is the ISIC 2018 challenge's headline metric:
+with nv at 67% of the images, plain accuracy rewards a model that ignores the rare classes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support,
+                             roc_auc_score, roc_curve)
+
+from hmnist.config import CLASSES
+
+FPR_GRID = np.linspace(0, 1, 101)  # one shared x axis, so one CSV holds every class's ROC curve
+
+
+def one_vs_rest_auc(positives: np.ndarray, score: np.ndarray) -> float | None:
+    if positives.min() == positives.max():
+        return None  # undefined when the class is absent (or alone) in the test set
+    return float(roc_auc_score(positives, score))
+
+
+def summary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Mean log loss, accuracy and balanced accuracy: what training watches on validation."""
+    predicted = probs.argmax(1)
+    likelihood = probs[np.arange(len(labels)), labels]
+    return {
+        "loss": float(-np.log(np.clip(likelihood, 1e-12, None)).mean()),
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+    }
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """The test metrics of metrics/metrics.json (README, "Metrics")."""
+    predicted = probs.argmax(1)
+    all_labels = list(range(len(CLASSES)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=all_labels, zero_division=0)
+    per_class = {}
+    for i, name in enumerate(CLASSES):
+        per_class[name] = {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                           "auc": one_vs_rest_auc(labels == i, probs[:, i]), "support": int(support[i])}
+    aucs = [c["auc"] for c in per_class.values() if c["auc"] is not None]
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, labels=all_labels, average="macro", zero_division=0)),
+        "macro_auc": float(np.mean(aucs)) if aucs else None,
+        "melanoma_sensitivity": per_class["mel"]["recall"],
+        "per_class": per_class,
+        "test_images": int(len(labels)),
+    }
+
+
+def roc_table(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """TPR of each class's one-vs-rest ROC curve at fixed FPR points."""
+    table = {"fpr": FPR_GRID}
+    for i, name in enumerate(CLASSES):
+        positives = labels == i
+        if positives.all() or not positives.any():
+            table[name] = np.full_like(FPR_GRID, np.nan)
+            continue
+        fpr, tpr, _ = roc_curve(positives, probs[:, i])
+        table[name] = np.interp(FPR_GRID, fpr, tpr)
+    return pd.DataFrame(table).round(6)
+
+
+def submission_frame(image_ids: list[str], probs: np.ndarray) -> pd.DataFrame:
+    """The ISIC 2018 Task 3 format: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC, sorted by image."""
+    frame = pd.DataFrame(probs, columns=[c.upper() for c in CLASSES])
+    frame.insert(0, "image", image_ids)
+    return frame.sort_values("image", kind="stable").reset_index(drop=True)

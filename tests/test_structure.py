@@ -1,0 +1,176 @@
+"""The seams: stages meet only through files, and dvc.yaml says exactly what each stage runs and reads.
+
+- No module imports a stage module or a command module: stages share library modules only.
+- Each stage's code deps in dvc.yaml are the package modules it imports, transitively.
+- Each param a stage reads (recorded while it runs) is among its `params:` in dvc.yaml.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_params
+from hmnist import config as config_module
+
+PACKAGE = REPO / "src" / "hmnist"
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = {name: stage["cmd"].split("python -m hmnist.")[1].split()[0] for name, stage in DVC["stages"].items()}
+COMMANDS = {"predict", "bench", "cli"}
+# Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
+# errors.py holds only the wording of error messages, __init__.py only the `hmnist.load` entry point.
+NOT_DEPS = {"errors", "__init__"}
+# download's output is the archive itself: re-fetching 5 GB because params code changed helps
+# nobody, so it depends on its own module only.
+OWN_MODULE_ONLY = {"download"}
+# params a stage reads that cannot change its outputs
+NO_EFFECT_PARAMS = {
+    "prepare.workers",  # decoding processes: every worker count writes the same cache
+}
+
+
+def package_imports(module: str) -> set[str]:
+    """The hmnist modules `module` imports anywhere in its source (top level or in functions)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "hmnist":
+                found |= {alias.name for alias in node.names}
+            elif node.module.startswith("hmnist."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("hmnist.")}
+    return found - {module}
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = {module}, [module]
+    while todo:
+        for imported in package_imports(todo.pop()):
+            if imported not in seen:
+                seen.add(imported)
+                todo.append(imported)
+    return seen
+
+
+def test_the_stage_modules_are_the_ones_dvc_runs():
+    assert set(STAGES.values()) == {"download", "prepare", "split", "train", "evaluate"}
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py")))
+def test_no_module_imports_a_stage_or_a_command(module):
+    forbidden = (set(STAGES.values()) | COMMANDS) - {module}
+    if module == "__init__":
+        forbidden -= {"predict"}  # `hmnist.load` hands out the predict command's Predictor, lazily
+    assert package_imports(module) & forbidden == set(), f"{module}.py imports a stage or command module"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_code_deps_are_the_imported_modules(stage):
+    module = STAGES[stage]
+    listed = {Path(d).stem for d in DVC["stages"][stage]["deps"] if d.startswith("src/")}
+    expected = {module} if stage in OWN_MODULE_ONLY else closure(module) - NOT_DEPS
+    assert listed == expected, (f"dvc.yaml stage {stage}: code deps should be "
+                                f"{sorted(f'src/hmnist/{m}.py' for m in expected)}")
+
+
+# -- params read while each stage runs -------------------------------------------------------
+
+def tracked(value, path: str, seen: set[str]):
+    """`value` with every read of a params field below it recorded in `seen` as a dotted path."""
+    if dataclasses.is_dataclass(value):
+        return _tracked_dataclass(type(value))(value, path, seen)
+    if isinstance(value, dict):
+        return TrackedDict(value, path, seen)
+    seen.add(path)
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class TrackedDataclass:
+    def __init__(self, obj, path, seen):
+        object.__setattr__(self, "_t", (obj, path, seen))
+
+    def __getattr__(self, name):
+        obj, path, seen = object.__getattribute__(self, "_t")
+        on_class = getattr(type(obj), name, None)
+        if isinstance(on_class, property):  # e.g. Params.model_config: its reads go through us
+            return on_class.fget(self)
+        if name in {f.name for f in dataclasses.fields(obj)}:
+            return tracked(getattr(obj, name), _join(path, name), seen)
+        if isinstance(on_class, types.FunctionType):
+            return types.MethodType(on_class, self)
+        return getattr(obj, name)
+
+
+def _tracked_dataclass(cls):
+    # dataclasses.asdict and fields() look for __dataclass_fields__ on the type
+    return type(f"Tracked{cls.__name__}", (TrackedDataclass,), {"__dataclass_fields__": cls.__dataclass_fields__})
+
+
+class TrackedDict:
+    def __init__(self, obj, path, seen):
+        self._t = (obj, path, seen)
+
+    def __getitem__(self, key):
+        obj, path, seen = self._t
+        return tracked(obj[key], _join(path, str(key)), seen)
+
+    def __contains__(self, key):
+        return key in self._t[0]
+
+    def __iter__(self):
+        return iter(self._t[0])
+
+    def __len__(self):
+        return len(self._t[0])
+
+    def keys(self):
+        return self._t[0].keys()
+
+    def items(self):
+        return [(k, self[k]) for k in self._t[0]]
+
+    def values(self):
+        return [self[k] for k in self._t[0]]
+
+
+def listed_params(stage: str, params) -> list[str]:
+    return [p.replace("${model}", params.model) for p in DVC["stages"][stage].get("params", [])]
+
+
+def test_every_param_a_stage_reads_is_in_its_params(tmp_path, synthetic_zip, monkeypatch):
+    import importlib
+
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"]["epochs"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    for stage in ("download", "prepare", "split", "train", "evaluate"):
+        module = importlib.import_module(f"hmnist.{STAGES[stage]}")
+        seen: set[str] = set()
+        real = config_module.load_params()
+        monkeypatch.setattr(module, "load_params", lambda real=real, seen=seen: tracked(real, "", seen))
+        module.main()
+        listed = listed_params(stage, real)
+        unlisted = sorted(p for p in seen - NO_EFFECT_PARAMS
+                          if not any(p == key or p.startswith(key + ".") for key in listed))
+        assert seen, f"{stage} read no params at all: the tracking is broken"
+        assert unlisted == [], f"stage {stage} reads {unlisted}, not in its dvc.yaml params {listed}"
+
+
+def test_the_tracking_sees_a_read():
+    seen: set[str] = set()
+    params = tracked(config_module.parse_params(tiny_params("x.zip")), "", seen)
+    assert params.model_config.lr > 0 and params.train.device == "cpu"
+    assert dataclasses.asdict(params.split)["seed"] == 42
+    assert {"model", "models.resnet9.lr", "train.device", "split.seed", "split.val"} <= seen
+    assert "data.source" not in seen
