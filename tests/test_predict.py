@@ -154,6 +154,21 @@ def test_tta_gives_other_valid_probabilities(trained, model, images):
     assert np.abs(tta.iloc[:, 1:].to_numpy() - plain.iloc[:, 1:].to_numpy()).max() > 1e-4
 
 
+def test_evaluate_tta_matches_predict_tta(trained, model, tmp_path):
+    from hmnist import evaluate as evaluate_module
+    from hmnist.data import load_prepared, load_split, split_rows
+    from hmnist.models import load_checkpoint
+
+    images, index = load_prepared(trained / "data/prepared")
+    rows = split_rows(index, load_split(trained / "data/split.csv"), "test")
+    ids = index["image_id"].iloc[rows].tolist()
+    extract(trained, ids, tmp_path / "test_images")
+    for tta in ("flips", "dihedral"):
+        probs = evaluate_module.evaluate(load_checkpoint(trained / "models/model.pt"), images[rows], 64, "cpu", tta)
+        frame = model.predict(tmp_path / "test_images", tta=tta)
+        np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), probs, atol=1e-5)
+
+
 def test_tta_modes(trained, model, images):
     plain, flips = model.predict(images, tta="none"), model.predict(images, tta="flips")
     dihedral = model.predict(images, tta="dihedral")

@@ -14,7 +14,7 @@ from conftest import LimitedGpu, tiny_params
 from hmnist.config import ModelConfig, parse_params
 from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
 from hmnist.data import load_prepared
-from hmnist.engine import backward_batch, class_weights, epoch_batches, lr_lambda
+from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda
 from hmnist.errors import UserError
 from hmnist.models import create_model
 from hmnist.prepare import prepare
@@ -82,6 +82,27 @@ def test_augment_geometry_matches_its_definition():
     assert (crop - centre)[:, :, 2:-2, 2:-2].abs().max() < 1e-3
 
 
+def test_crop_keeps_the_cache_detail():
+    """A 35%-area crop for a 128px model, from a 224px cache of fine stripes: sampled from the
+    cache it keeps the stripes; resized to 128 first and then enlarged, they were mostly gone."""
+    size, cache = 128, 224
+    stripes = (torch.arange(cache) % 4 < 2).float() * 200 + 20  # period 4 px: fine detail
+    batch = stripes.view(1, 1, cache, 1).expand(2, cache, cache, 3).to(torch.uint8).contiguous()
+    model_input = ModelInput(size, (0.0,) * 3, (1 / 255,) * 3, torch.device("cpu"))  # normalising is a no-op
+    augment = fixed_augment(area=0.35, contrast=1.0)
+    augment.crop_area = (0.35, 1.0)
+    crop = model_input(batch, augment)
+    assert crop.shape == (2, 3, size, size)
+    old_way = augment.geometry(model_input.resize(batch), augment.draw(2))  # the defect: resize, then crop
+    contrast = lambda x: x[:, 0, size // 2, 16:-16].std().item()  # noqa: E731  across the stripes
+    assert contrast(crop) > 0.75 * stripes.std().item()
+    assert contrast(crop) > 2.5 * contrast(old_way)
+    # a cache far larger than the model's input is reduced (antialiased) before the crop
+    small = ModelInput(32, (0.0,) * 3, (1 / 255,) * 3, torch.device("cpu"))(batch, augment)
+    assert small.shape == (2, 3, 32, 32) and torch.isfinite(small).all()
+    assert small.min() >= 0 and small.max() <= 255
+
+
 def test_affine_grid_equals_torch():
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, [5, 3, 12, 20], align_corners=False)
@@ -135,6 +156,44 @@ def test_class_weights():
     assert mean_sample_weight == pytest.approx(1.0, rel=1e-5)
 
 
+def confident_minimiser(criterion, label: int) -> float:
+    """The probability of the true class that minimises one sample's loss."""
+    logits = torch.zeros(1, 7, requires_grad=True)
+    optimizer = torch.optim.LBFGS([logits], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = criterion(logits, torch.tensor([label])).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return logits.detach().softmax(1)[0, label].item()
+
+
+def test_weighted_label_smoothing_has_the_same_minimiser_for_every_class():
+    labels = np.array([1] * 670 + [0] * 110 + [2] * 50 + [3] * 30 + [4] * 110 + [5] * 12 + [6] * 14)
+    weights = class_weights(labels, 0.5)
+    smoothing = 0.1
+    minimisers = [confident_minimiser(SmoothedCrossEntropy(weights, smoothing), c) for c in range(7)]
+    target = 1 - smoothing + smoothing / 7
+    assert minimisers == pytest.approx([target] * 7, abs=1e-3)
+    # torch's weighted, smoothed loss smooths each class by another amount: the defect fixed
+    torch_loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=smoothing, reduction="none")
+    skewed = [confident_minimiser(torch_loss, c) for c in range(7)]
+    assert max(skewed) - min(skewed) > 0.1
+
+
+def test_smoothed_cross_entropy_without_weights_or_smoothing_is_plain_cross_entropy():
+    logits, labels = torch.randn(9, 7), torch.randint(0, 7, (9,))
+    plain = nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert torch.allclose(SmoothedCrossEntropy(None, 0.0)(logits, labels), plain, atol=1e-6)
+    smoothed = nn.functional.cross_entropy(logits, labels, reduction="none", label_smoothing=0.2)
+    assert torch.allclose(SmoothedCrossEntropy(None, 0.2)(logits, labels), smoothed, atol=1e-6)
+    weights = torch.arange(1.0, 8.0)
+    assert torch.allclose(SmoothedCrossEntropy(weights, 0.2)(logits, labels), smoothed * weights[labels], atol=1e-5)
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = lr_lambda(10, 100)
     values = [f(s) for s in range(100)]
@@ -158,8 +217,9 @@ def test_micro_batches_give_the_full_batch_gradient(weighted):
     images = torch.randn(12, 3, 32, 32)
     targets = torch.tensor([0, 1, 1, 1, 2, 3, 1, 1, 4, 5, 6, 1])
     weights = class_weights(targets.numpy(), 0.5) if weighted else None
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1, reduction="none")
-    reference = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)(model(images), targets)
+    criterion = SmoothedCrossEntropy(weights, 0.1)
+    total = weights[targets].sum() if weighted else len(targets)
+    reference = criterion(model(images), targets).sum() / total
     grads = []
     for micro in (1, 4):
         model.zero_grad()

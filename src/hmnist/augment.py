@@ -13,11 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Random resized crop, as a fraction of the image area and width/height ratio. torchvision's
-# default area range (0.08, 1) crops most of a lesion away; dermoscopy keeps the lesion whole.
-CROP_AREA = (0.35, 1.0)
+# Random resized crop: width/height ratio range, as torchvision's. The area range and the other
+# strengths are params (train.crop_area_min, train.rotation, train.color_jitter).
 CROP_RATIO = (3 / 4, 4 / 3)
-JITTER = 0.1  # brightness, contrast, saturation factors in [1 - JITTER, 1 + JITTER]: mild, colour is diagnostic
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale; sums to 1
 
 
@@ -43,22 +41,35 @@ class ModelInput:
         self.memory_format = memory_format(device)
 
     def resize(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float NCHW at the model's size, as evaluation sees it."""
+        return self.planes(batch, self.size)
+
+    @staticmethod
+    def planes(batch: torch.Tensor, size: int) -> torch.Tensor:
         # to float and to NCHW planes in one pass (.float() of the permuted view would keep NHWC
         # strides); the augmentation reads the planes, and its output is laid out for the model
         x = torch.empty(batch.shape[0], 3, *batch.shape[1:3], device=batch.device)
         x.copy_(batch.permute(0, 3, 1, 2))
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+        if x.shape[-1] != size or x.shape[-2] != size:
             # antialias: the cache is usually larger than a CNN's input, and plain bilinear aliases
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x
 
     def __call__(self, batch: torch.Tensor, augment: Augment | None = None) -> torch.Tensor:
-        x = self.resize(batch)
         if augment is None:
+            x = self.resize(batch)
             x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
         else:
+            # The crop is sampled straight from the cache at the model's size, one resampling,
+            # so a crop keeps the cache's detail: resizing to the model's size first and then
+            # enlarging a crop of that would throw the detail away before cropping. Only a cache
+            # far larger than the smallest crop needs (1:1 from cache to output) is first reduced
+            # to that, with antialiasing, or large crops would alias; a reduction by less than
+            # 1.5x would blur more than it saves.
+            needed = math.ceil(self.size / math.sqrt(augment.crop_area[0]))
+            x = self.planes(batch, needed if batch.shape[1] > 1.5 * needed else batch.shape[1])
             u = augment.draw(x.shape[0])
-            x = augment.geometry(x, u)
+            x = augment.geometry(x, u, self.size)
             matrix, offset = augment.colour(x, u)
             # normalising is affine too: fold it in, (A x + b - mean) / std
             x = colour_affine(x, matrix / self.std[:, None], (offset - self.mean) / self.std, self.low, self.high,
@@ -110,23 +121,27 @@ class Augment:
     kernel launches, not dozens: on a GPU, a small model's step is bound by launches.
     """
 
-    # one column per random quantity: (low, high) of its uniform draw
-    RANGES = (
-        CROP_AREA,                                           # 0 crop area, fraction of the image
-        (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])),  # 1 log width/height ratio
-        (-math.pi, math.pi),                                 # 2 rotation: lesions have no "up"
-        (0, 1), (0, 1),                                      # 3, 4 horizontal / vertical flip if < 0.5
-        (-1, 1), (-1, 1),                                    # 5, 6 crop centre, in the room left
-        (1 - JITTER, 1 + JITTER),                            # 7 brightness
-        (1 - JITTER, 1 + JITTER),                            # 8 contrast
-        (1 - JITTER, 1 + JITTER),                            # 9 saturation
-    )
-
-    def __init__(self, generator: torch.Generator):
-        """Batches must be on `generator`'s device."""
-        self.generator = generator
+    def __init__(self, generator: torch.Generator, crop_area: tuple[float, float] = (0.35, 1.0),
+                 rotation: float = 180.0, jitter: float = 0.1):
+        """Batches must be on `generator`'s device. `crop_area`: the crop's area as a fraction of
+        the image (torchvision's default lower bound, 0.08, crops most of a lesion away);
+        `rotation`: largest angle either way, in degrees (180: any, lesions have no "up");
+        `jitter`: brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]."""
+        self.generator, self.crop_area = generator, crop_area
         device = generator.device
-        ranges = torch.tensor(self.RANGES, dtype=torch.float32, device=device)
+        angle = math.radians(rotation)
+        # one column per random quantity: (low, high) of its uniform draw
+        self.ranges = (
+            crop_area,                                           # 0 crop area, fraction of the image
+            (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])),  # 1 log width/height ratio
+            (-angle, angle),                                     # 2 rotation
+            (0, 1), (0, 1),                                      # 3, 4 horizontal / vertical flip if < 0.5
+            (-1, 1), (-1, 1),                                    # 5, 6 crop centre, in the room left
+            (1 - jitter, 1 + jitter),                            # 7 brightness
+            (1 - jitter, 1 + jitter),                            # 8 contrast
+            (1 - jitter, 1 + jitter),                            # 9 saturation
+        )
+        ranges = torch.tensor(self.ranges, dtype=torch.float32, device=device)
         self.low, self.span = ranges[:, 0], ranges[:, 1] - ranges[:, 0]
         self.gray = torch.tensor(GRAY, device=device)
         self.eye = torch.eye(3, device=device)
@@ -134,20 +149,21 @@ class Augment:
         self.pixel_low, self.pixel_high = torch.zeros(3, device=device), torch.full((3,), 255.0, device=device)
 
     def draw(self, n: int) -> torch.Tensor:
-        """All the random numbers of `n` images, (n, len(RANGES)), each in its range: one kernel."""
-        r = torch.rand(n, len(self.RANGES), generator=self.generator, device=self.generator.device)
+        """All the random numbers of `n` images, (n, len(ranges)), each in its range: one kernel."""
+        r = torch.rand(n, len(self.ranges), generator=self.generator, device=self.generator.device)
         return torch.addcmul(self.low, r, self.span)
 
-    def geometry(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Random resized crop, rotation and flips of a float NCHW batch, as drawn in `u`."""
-        size = torch.sqrt(u[:, 0:1] * torch.exp(u[:, 1:2] * self.signs)).clamp_(max=1)  # width, height
-        scale = size * torch.where(u[:, 3:5] < 0.5, -1.0, 1.0)  # flips
-        shift = u[:, 5:7] * (1 - size)
+    def geometry(self, x: torch.Tensor, u: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Random resized crop, rotation and flips of a float NCHW batch, as drawn in `u`,
+        sampled at `size` x `size` (default: the batch's own size)."""
+        extent = torch.sqrt(u[:, 0:1] * torch.exp(u[:, 1:2] * self.signs)).clamp_(max=1)  # width, height
+        scale = extent * torch.where(u[:, 3:5] < 0.5, -1.0, 1.0)  # flips
+        shift = u[:, 5:7] * (1 - extent)
         cos, sin = torch.cos(u[:, 2:3]), torch.sin(u[:, 2:3])
         # theta = [[w cos fx, -h sin fy, dx], [w sin fx, h cos fy, dy]], w h in fractions of the side
         rotation = torch.cat([cos, -sin, sin, cos], dim=1).view(-1, 2, 2)
         theta = torch.cat([rotation * scale.unsqueeze(1), shift.unsqueeze(2)], dim=2)
-        grid = affine_grid(theta, x.shape[2], x.shape[3])
+        grid = affine_grid(theta, size or x.shape[2], size or x.shape[3])
         # reflection: rotated corners show mirrored skin rather than black wedges
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

@@ -34,8 +34,8 @@ import yaml
 
 from hmnist.augment import Augment, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, load_params
-from hmnist.engine import (autocast, backward_batch, class_weights, epoch_batches, param_groups, resolve_device,
-                           to_device)
+from hmnist.engine import (SmoothedCrossEntropy, autocast, backward_batch, class_weights, epoch_batches,
+                           param_groups, resolve_device, to_device)
 from hmnist.models import create_model, data_config
 from hmnist.synthetic import write_dataset
 
@@ -176,7 +176,7 @@ def pipeline_way(config: ModelConfig, device: torch.device, compile: bool, n_ima
     labels_np, next_batch, inputs = _cache(config, device, n_images, size, model)
     labels = torch.from_numpy(labels_np).to(device)
     weights = class_weights(labels_np, 0.5).to(device)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1, reduction="none")
+    criterion = SmoothedCrossEntropy(weights, 0.1)
     optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay), lr=config.lr,
                                   fused=device.type == "cuda")
 

@@ -23,6 +23,7 @@ PARAMS_FILE = "params.yaml"
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 DEVICES = ("auto", "cuda", "cpu")
 BALANCE = ("loss", "sampler", "none")
+TTA = ("none", "flips", "dihedral")  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class TrainConfig:
     balance_power: float = 0.5
     label_smoothing: float = 0.1
     augment: bool = True  # flips, rotation, random resized crop, colour jitter, all on the device
+    crop_area_min: float = 0.35  # random resized crop keeps 35-100% of the image's area: the lesion stays in view
+    rotation: float = 180.0  # largest rotation either way, degrees: lesions have no "up"
+    color_jitter: float = 0.1  # brightness, contrast, saturation within +-10%: mild, colour is diagnostic
     compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
     # deterministic kernels only: identical GPU runs, at some speed; CPU runs are identical anyway
     deterministic: bool = False
@@ -78,6 +82,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = 256  # inference only: no activations kept for backward
+    tta: str = "none"  # test-time augmentation: none, flips (4 views) or dihedral (8), as `hmnist predict --tta`
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,11 @@ def _validate(p: Params) -> None:
     need(0 <= t.balance_power <= 1, f"train.balance_power must be between 0 and 1, got {t.balance_power}")
     need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     need(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    need(0 < t.crop_area_min <= 1, f"train.crop_area_min must be in (0, 1], got {t.crop_area_min}")
+    need(0 <= t.rotation <= 180, f"train.rotation must be between 0 and 180 degrees, got {t.rotation}")
+    need(0 <= t.color_jitter < 1, f"train.color_jitter must be in [0, 1), got {t.color_jitter}")
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be at least 1, got {p.evaluate.batch_size}")
+    need(p.evaluate.tta in TTA, f"evaluate.tta must be one of {', '.join(TTA)}, got {p.evaluate.tta!r}")
 
 
 def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:

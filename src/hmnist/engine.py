@@ -18,10 +18,8 @@ import torch
 import torch.nn as nn
 
 from hmnist.augment import ModelInput, memory_format
-from hmnist.config import CLASSES
+from hmnist.config import CLASSES, TTA
 from hmnist.errors import UserError
-
-TTA = ("none", "flips", "dihedral")
 
 
 def resolve_device(name: str, setting: str = "train.device") -> torch.device:
@@ -121,6 +119,29 @@ def class_weights(labels: np.ndarray, power: float) -> torch.Tensor:
     weights = np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** power, 0.0)
     weights *= counts.sum() / (weights * counts).sum()
     return torch.tensor(weights, dtype=torch.float32)
+
+
+class SmoothedCrossEntropy(nn.Module):
+    """Per-sample cross-entropy against label-smoothed targets, each sample weighted by its own
+    class's weight: w[y] * sum_c q_c * -log p_c, with q = (1 - s) one_hot(y) + s / K.
+
+    Not nn.CrossEntropyLoss(weight=w, label_smoothing=s): that weights the smoothing term of
+    every class c by w[c], so the loss of a confident sample is minimised at a different
+    probability for each class (much more smoothing on a frequent class than on a rare one),
+    which skews every probability the model outputs. Here the minimiser is p = q for every class.
+    """
+
+    def __init__(self, weights: torch.Tensor | None, smoothing: float, num_classes: int = len(CLASSES)):
+        super().__init__()
+        self.weights, self.smoothing, self.num_classes = weights, smoothing, num_classes
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_p = logits.log_softmax(dim=1)
+        # q . -log p, without materialising q: (1 - s) * -log p_y + (s / K) * sum_c -log p_c
+        loss = -(1 - self.smoothing) * log_p.gather(1, labels[:, None]).squeeze(1)
+        if self.smoothing:
+            loss = loss - self.smoothing / self.num_classes * log_p.sum(dim=1)
+        return loss if self.weights is None else loss * self.weights[labels]
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):

@@ -82,9 +82,10 @@ def main() -> None:
     images, index = load_prepared(PREPARED)
     rows = split_rows(index, load_split(), "test")
     labels = index["label"].to_numpy()[rows].astype(np.int64)
-    probs = evaluate(checkpoint, images[rows], params.evaluate.batch_size, params.train.device)
+    probs = evaluate(checkpoint, images[rows], params.evaluate.batch_size, params.train.device, params.evaluate.tta)
 
-    metrics = {"model": checkpoint["model_name"], "arch": checkpoint["arch"], **compute_metrics(labels, probs)}
+    metrics = {"model": checkpoint["model_name"], "arch": checkpoint["arch"], "tta": params.evaluate.tta,
+               **compute_metrics(labels, probs)}
     METRICS.parent.mkdir(parents=True, exist_ok=True)
     METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
     PLOTS.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hmnist.config import CLASSES, DEVICES
+from hmnist.config import CLASSES, DEVICES, TTA
 from hmnist.errors import UserError, cli
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
@@ -145,7 +145,7 @@ class Predictor:
         import torch
         from tqdm import tqdm
 
-        from hmnist.engine import TTA, BatchSize, predict_probs
+        from hmnist.engine import BatchSize, predict_probs
         from hmnist.metrics import submission_frame
 
         if isinstance(paths, (str, os.PathLike)):
@@ -232,7 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when present, else the CPU (default: %(default)s)")
-    parser.add_argument("--tta", nargs="?", const="flips", default="none", choices=("none", "flips", "dihedral"),
+    parser.add_argument("--tta", nargs="?", const="flips", default="none", choices=TTA,
                         help="test-time augmentation: average over the four flips of each image (--tta or "
                              "--tta flips, 4x slower) or the eight flips and right-angle rotations (--tta dihedral, "
                              "8x); as evaluate.tta, so predict and evaluate agree (default: %(default)s)")

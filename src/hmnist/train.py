@@ -25,8 +25,9 @@ from tqdm import tqdm
 from hmnist.augment import Augment, ModelInput, memory_format
 from hmnist.config import CLASSES, Params, load_params
 from hmnist.data import CHECKPOINT, CURVES, LIVE_DIR, PREPARED, RESUME_DIR, load_prepared, load_split, split_rows
-from hmnist.engine import (BatchSize, backward_batch, class_weights, deterministic, epoch_batches, lr_lambda, param_groups,
-                           predict_probs, resolve_device, rng_state, set_rng_state, to_device)
+from hmnist.engine import (BatchSize, SmoothedCrossEntropy, backward_batch, class_weights, deterministic,
+                           epoch_batches, lr_lambda, param_groups, predict_probs, resolve_device, rng_state,
+                           set_rng_state, to_device)
 from hmnist.errors import UserError, cli
 from hmnist.metrics import summary_metrics
 from hmnist.models import create_model, data_config, save_checkpoint
@@ -77,11 +78,11 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     norm = data_config(model)
     model_input = ModelInput(config.resize, norm["mean"], norm["std"], device)
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1)
-    augment = Augment(generator) if tc.augment else None
+    augment = Augment(generator, (tc.crop_area_min, 1.0), tc.rotation, tc.color_jitter) if tc.augment else None
 
     weights = class_weights(labels[train_rows], tc.balance_power).to(device)
     loss_weights = weights if tc.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=tc.label_smoothing, reduction="none")
+    criterion = SmoothedCrossEntropy(loss_weights, tc.label_smoothing)
     sample_weights = weights[train_labels] if tc.balance == "sampler" else None
 
     batch_size = min(config.batch_size, len(train_rows))

@@ -1,0 +1,263 @@
+"""Model quality on real HAM10000 images: training recipes compared over several seeds.
+
+    python benchmarks/quality.py --archive ~/ham-real.zip --configs today,notebook --seeds 0,1,2
+    python benchmarks/quality.py --archive ~/ham-real.zip --configs default --seeds 0 --src /tmp/old/src
+
+Each configuration is a set of params.yaml overrides, run as a user runs it: the stage commands
+`python -m hmnist.train` and `python -m hmnist.evaluate` in a throwaway project whose data/ is
+shared by every run (download, prepare and split run once per archive, cache size and split seed).
+`--src` runs another checkout's code (e.g. a worktree of an older commit, for "today's recipe");
+stages meet only through files, so any version's stages work here. The `notebook` configuration
+is the peer: a plain training loop written here, as the Kaggle notebooks write it (PIL resize,
+flips only, class-weighted label-smoothed cross-entropy, OneCycle to 4e-3, fp32, last epoch
+kept), on the same split's images.
+
+Results go to WORKDIR/results.jsonl one line per run as it finishes, so an interrupted
+benchmark keeps what it measured and a rerun skips the runs already there; the table (mean +- sd
+over seeds of test balanced accuracy, accuracy, macro AUC, the kept epoch's validation balanced
+accuracy and training images per second) is printed from all of them at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# params.yaml overrides per configuration, on top of the shared budget (model, sizes, epochs,
+# device) that --size and --epochs set. "today" is the repo's params as they are.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "today": {},
+    "notebook": {},  # the plain loop below, not the stages
+}
+
+
+def budget(params: dict, archive: Path, size: int, epochs: int, seed: int) -> dict:
+    """The CPU budget of the issue: ResNet9 from scratch, `size` px cache and input, `epochs` epochs."""
+    params = json.loads(json.dumps(params))
+    params["data"]["source"] = str(archive)
+    params["prepare"]["size"] = size
+    params["model"] = "resnet9"
+    params["train"]["device"] = "cpu"
+    params["train"]["seed"] = seed
+    params["models"]["resnet9"].update(resize=size, epochs=epochs, pretrained=False)
+    return params
+
+
+def set_key(params: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        params = params[key]
+    params[last] = value
+
+
+def run_stage(stage: str, project: Path, src: Path, log: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    with open(log, "a") as out:
+        result = subprocess.run([sys.executable, "-m", f"hmnist.{stage}"], cwd=project, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"{stage} failed in {project}: see {log}")
+    return time.perf_counter() - started
+
+
+def data_stages(workdir: Path, params: dict, src: Path) -> Path:
+    """download, prepare and split once; returns the data/ folder every run links to."""
+    key = f"data-{params['prepare']['size']}-{params['split']['seed']}"
+    project = workdir / key
+    if (project / "data/split.csv").exists():
+        return project / "data"
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("download", "prepare", "split"):
+        run_stage(stage, project, src, project / "log.txt")
+    return project / "data"
+
+
+def stage_run(workdir: Path, name: str, seed: int, params: dict, data: Path, src: Path) -> dict:
+    project = workdir / "runs" / f"{name}-{seed}"
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir(parents=True)
+    (project / "data").symlink_to(data)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = project / "log.txt"
+    train_seconds = run_stage("train", project, src, log)
+    run_stage("evaluate", project, src, log)
+    return collect(project, data, params, train_seconds)
+
+
+def collect(project: Path, data: Path, params: dict, train_seconds: float | None) -> dict:
+    """One finished run's figures, from the files its stages wrote."""
+    metrics = json.loads((project / "metrics/metrics.json").read_text())
+    live = json.loads((project / "dvclive/metrics.json").read_text())
+    epochs = params["models"]["resnet9"]["epochs"]
+    speed = _split_count(data, "train") * epochs / train_seconds if train_seconds else None
+    return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
+            "macro_auc": metrics["macro_auc"], "val_balanced_accuracy": live["best/val_balanced_accuracy"],
+            "best_epoch": live["best/epoch"], "train_seconds": train_seconds, "train_images_per_second": speed}
+
+
+def _split_count(data: Path, name: str) -> int:
+    import pandas as pd
+    return int((pd.read_csv(data / "split.csv")["split"] == name).sum())
+
+
+def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -> dict:
+    """The peer: a plain loop as the Kaggle notebooks write it, on the same split's images."""
+    import numpy as np
+    import pandas as pd
+    import timm
+    import torch
+    import torch.nn as nn
+    from PIL import Image
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    import hmnist.models  # noqa: F401  registers resnet9 with timm
+
+    classes = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
+    split = pd.read_csv(data / "split.csv", dtype=str)
+    pixels = {}
+    with zipfile.ZipFile(archive) as z:
+        names = {Path(n).stem: n for n in z.namelist() if n.startswith("HAM10000_images_part_") and n.endswith(".jpg")}
+        for image_id in split["image_id"]:
+            with Image.open(io.BytesIO(z.read(names[image_id]))) as image:
+                pixels[image_id] = np.asarray(image.convert("RGB").resize((size, size)))  # PIL's default filter
+
+    def tensors(name: str):
+        part = split[split["split"] == name]
+        x = torch.from_numpy(np.stack([pixels[i] for i in part["image_id"]])).permute(0, 3, 1, 2).float() / 255
+        y = torch.tensor([classes.index(d) for d in part["dx"]])
+        return x, y
+
+    (x_train, y_train), (x_test, y_test) = tensors("train"), tensors("test")
+    mean, std = x_train.mean(dim=(0, 2, 3), keepdim=True), x_train.std(dim=(0, 2, 3), keepdim=True)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    counts = torch.bincount(y_train, minlength=len(classes)).float()
+    weights = (counts.sum() / counts.clamp(min=1)) ** 0.5
+    weights = weights / (weights[y_train].mean())
+
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet9", num_classes=len(classes))
+    batch = 128
+    steps = len(x_train) // batch
+    optimizer = torch.optim.Adam(model.parameters(), lr=4e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, epochs=epochs, steps_per_epoch=steps)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_train))
+        for i in range(steps):
+            rows = order[i * batch:(i + 1) * batch]
+            x = x_train[rows]
+            flip_h, flip_v = torch.rand(len(x)) < 0.5, torch.rand(len(x)) < 0.5
+            x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
+            x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+            loss = criterion(model(x), y_train[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_value_(model.parameters(), 0.1)
+            optimizer.step()
+            schedule.step()
+    seconds = time.perf_counter() - started
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat([model(x_test[i:i + 256]).softmax(1) for i in range(0, len(x_test), 256)]).numpy()
+    labels, predicted = y_test.numpy(), probs.argmax(1)
+    aucs = [roc_auc_score(labels == k, probs[:, k]) for k in range(len(classes)) if 0 < (labels == k).sum() < len(labels)]
+    return {"balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+            "accuracy": float(accuracy_score(labels, predicted)), "macro_auc": float(np.mean(aucs)),
+            "val_balanced_accuracy": None, "best_epoch": epochs, "train_seconds": seconds,
+            "train_images_per_second": steps * batch * epochs / seconds}
+
+
+def table(results: list[dict]) -> str:
+    def cell(values: list[float], digits: int = 3) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+    rows = ["| configuration | seeds | test balanced accuracy | test accuracy | test macro AUC | "
+            "val bal. acc. (kept epoch) − test | train img/s |", "|---|--:|--:|--:|--:|--:|--:|"]
+    names = list(dict.fromkeys(r["config"] for r in results))
+    for name in names:
+        runs = [r for r in results if r["config"] == name]
+        gap = [r["val_balanced_accuracy"] - r["balanced_accuracy"] for r in runs if r["val_balanced_accuracy"] is not None]
+        rows.append(f"| {name} | {len(runs)} | {cell([r['balanced_accuracy'] for r in runs])} | "
+                    f"{cell([r['accuracy'] for r in runs])} | {cell([r['macro_auc'] for r in runs])} | "
+                    f"{cell(gap)} | {cell([r['train_images_per_second'] for r in runs], 0)} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", type=Path, required=True, help="a HAM10000 zip in the Kaggle layout (real images)")
+    parser.add_argument("--configs", default="today,notebook", help=f"comma-separated: {', '.join(CONFIGS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="define or extend a configuration with a params override (YAML value), repeatable")
+    parser.add_argument("--seeds", default="0,1,2", help="train.seed values (the split stays the same)")
+    parser.add_argument("--size", type=int, default=32, help="prepare.size and the model's resize")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--src", type=Path, default=REPO / "src", help="the hmnist source tree to run")
+    parser.add_argument("--params", type=Path, help="base params.yaml (default: the one beside --src)")
+    parser.add_argument("--workdir", type=Path, default=Path.home() / "hmnist-quality")
+    parser.add_argument("--tag", default="", help="appended to each configuration's name in the results")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the results so far")
+    args = parser.parse_args(argv)
+
+    configs = {name: dict(overrides) for name, overrides in CONFIGS.items()}
+    for item in args.set:
+        name, _, assignment = item.partition(":")
+        key, _, value = assignment.partition("=")
+        configs.setdefault(name, {})[key] = yaml.safe_load(value)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results_file = args.workdir / "results.jsonl"
+    done = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    if not args.table_only:
+        base_file = args.params or args.src.parent / "params.yaml"
+        base = yaml.safe_load(base_file.read_text())
+        commit = subprocess.run(["git", "-C", str(args.src), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+        for name in args.configs.split(","):
+            if name not in configs:
+                parser.error(f"unknown configuration {name!r}: {', '.join(configs)} (or define it with --set)")
+            for seed in (int(s) for s in args.seeds.split(",")):
+                label = name + args.tag
+                if any(r["config"] == label and r["seed"] == seed and r["size"] == args.size
+                       and r["epochs"] == args.epochs for r in done):
+                    continue
+                params = budget(base, args.archive.resolve(), args.size, args.epochs, seed)
+                for key, value in configs[name].items():
+                    set_key(params, key, value)
+                data = data_stages(args.workdir, params, args.src.resolve())
+                print(f"== {label} seed {seed}", file=sys.stderr, flush=True)
+                if name == "notebook":
+                    result = notebook_run(seed, args.size, args.epochs, args.archive, data)
+                else:
+                    result = stage_run(args.workdir, label, seed, params, data, args.src.resolve())
+                result.update(config=label, seed=seed, size=args.size, epochs=args.epochs, commit=commit,
+                              overrides=configs[name], date=time.strftime("%Y-%m-%d"))
+                done.append(result)
+                with open(results_file, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+                print(json.dumps(result), file=sys.stderr, flush=True)
+    print(table([r for r in done if r["size"] == args.size and r["epochs"] == args.epochs]))
+
+
+if __name__ == "__main__":
+    main()
