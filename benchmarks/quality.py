@@ -20,6 +20,7 @@ accuracy and training images per second) is printed from all of them at the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import os
@@ -46,7 +47,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def budget(params: dict, archive: Path, size: int, epochs: int, seed: int) -> dict:
     """The CPU budget of the issue: ResNet9 from scratch, `size` px cache and input, `epochs` epochs."""
-    params = json.loads(json.dumps(params))
+    params = copy.deepcopy(params)
     params["data"]["source"] = str(archive)
     params["prepare"]["size"] = size
     params["model"] = "resnet9"
@@ -123,11 +124,10 @@ def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -
     import torch
     import torch.nn as nn
     from PIL import Image
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
     import hmnist.models  # noqa: F401  registers resnet9 with timm
-
-    classes = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
+    from hmnist.config import CLASSES as classes
+    from hmnist.metrics import compute_metrics
     split = pd.read_csv(data / "split.csv", dtype=str)
     pixels = {}
     with zipfile.ZipFile(archive) as z:
@@ -176,11 +176,9 @@ def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -
     model.eval()
     with torch.no_grad():
         probs = torch.cat([model(x_test[i:i + 256]).softmax(1) for i in range(0, len(x_test), 256)]).numpy()
-    labels, predicted = y_test.numpy(), probs.argmax(1)
-    aucs = [roc_auc_score(labels == k, probs[:, k]) for k in range(len(classes)) if 0 < (labels == k).sum() < len(labels)]
-    return {"balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-            "accuracy": float(accuracy_score(labels, predicted)), "macro_auc": float(np.mean(aucs)),
-            "val_balanced_accuracy": None, "best_epoch": epochs, "train_seconds": seconds,
+    metrics = compute_metrics(y_test.numpy(), probs)  # the evaluate stage's definitions
+    return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
+            "macro_auc": metrics["macro_auc"], "val_balanced_accuracy": None, "best_epoch": epochs, "train_seconds": seconds,
             "train_images_per_second": steps * batch * epochs / seconds}
 
 

@@ -1,11 +1,13 @@
 """CUDA-only checks, skipped where there is no GPU (CI never has one); run on a lent GPU."""
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from conftest import tiny_params
-from hmnist.config import parse_params
+from hmnist.config import CLASSES, parse_params
 from hmnist.train import train
 
 pytestmark = [pytest.mark.gpu,
@@ -18,11 +20,10 @@ def synthetic_cache(n: int, size: int, learnable: bool = False):
     from hmnist.synthetic import lesion_image
 
     rng = np.random.default_rng(0)
-    labels = np.arange(n) % 7
-    classes = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
+    labels = np.arange(n) % len(CLASSES)
     index = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(n)],
                           "lesion_id": [f"HAM_{i:07d}" for i in range(n)],
-                          "dx": [classes[l] for l in labels], "label": labels})
+                          "dx": [CLASSES[l] for l in labels], "label": labels})
     if learnable:
         images = np.stack([np.asarray(lesion_image(row.dx, row.lesion_id, row.image_id, (size, size)))
                            for row in index.itertuples()])
@@ -66,8 +67,7 @@ def test_cuda_training_under_bf16_learns():
 def test_deterministic_gpu_runs_are_identical():
     images, index, split = synthetic_cache(512, 64, learnable=True)
     params = cuda_params("swin", resize=64, batch_size=32, epochs=1, drop_path_rate=0.1)
-    params = type(params)(**{**params.__dict__, "train": type(params.train)(**{**params.train.__dict__,
-                                                                                "deterministic": True})})
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, deterministic=True))
     first, _ = train(params, images, index, split)
     second, _ = train(params, images, index, split)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from hmnist.augment import ModelInput, memory_format
 from hmnist.config import CLASSES, TTA
-from hmnist.errors import UserError
+from hmnist.errors import UserError, first_line
 
 
 def resolve_device(name: str, setting: str = "train.device") -> torch.device:
@@ -72,7 +72,7 @@ def deterministic(enabled: bool) -> Iterator[None]:
         if "deterministic" not in str(e):
             raise
         raise UserError(f"an operation of this model has no deterministic implementation on this device "
-                        f"({_first_line(e)}): set train.deterministic to false") from None
+                        f"({first_line(e, type(e).__name__)}): set train.deterministic to false") from None
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.benchmark = saved[1]
@@ -287,8 +287,3 @@ def predict_probs(
     if not out:
         return np.zeros((0, len(CLASSES)), np.float32)
     return torch.cat(out).numpy()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

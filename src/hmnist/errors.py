@@ -17,6 +17,13 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line."""
 
 
+def first_line(e: BaseException, empty: str = "no details") -> str:
+    """The first line of an exception's message, at most 200 characters: what fits in a
+    one-line error. `empty` stands in for an exception that says nothing."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else empty
+
+
 def cli(main: Callable[..., object]) -> Callable[..., object]:
     """Wrap a stage's main(): UserError -> `error: ...` and exit 2; Ctrl-C -> exit 130."""
 

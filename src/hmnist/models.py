@@ -16,7 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from hmnist.config import CLASSES, ModelConfig
-from hmnist.errors import UserError
+from hmnist.errors import UserError, first_line
 
 CHECKPOINT_FORMAT = "hmnist-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -123,10 +123,10 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
             raise
         if config.pretrained_path:
             raise UserError(f"cannot load weights for {config.arch} from {config.pretrained_path}: "
-                            f"{type(e).__name__}: {_first_line(e)}") from None
+                            f"{type(e).__name__}: {first_line(e)}") from None
         raise UserError(
             f"cannot get ImageNet weights for {config.arch} from the Hugging Face hub "
-            f"({type(e).__name__}: {_first_line(e)}): set pretrained_path to a local weights file, "
+            f"({type(e).__name__}: {first_line(e)}): set pretrained_path to a local weights file, "
             f"or pretrained: false to train from scratch"
         ) from None
 
@@ -174,7 +174,7 @@ def _check_hub(arch: str) -> None:
         proxy = _env_proxy(constants.ENDPOINT)
         via = f" via proxy {proxy}" if proxy else ""
         raise UserError(f"cannot reach the Hugging Face hub ({where}{via}: {type(e).__name__}: "
-                        f"{_first_line(e)}) to download ImageNet weights for {arch}: {fix}") from None
+                        f"{first_line(e)}) to download ImageNet weights for {arch}: {fix}") from None
 
 
 def _env_proxy(url: str) -> str | None:
@@ -204,11 +204,6 @@ def _create(arch: str, pretrained: bool, img_size: int, **kwargs: Any) -> nn.Mod
             if "drop_path_rate" not in str(e):
                 raise
             raise UserError(f"{arch} has no stochastic depth: set its drop_path_rate to 0") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no details"
 
 
 def data_config(model: nn.Module) -> dict[str, tuple[float, ...]]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 from hmnist.config import CLASSES, DEVICES, TTA
-from hmnist.errors import UserError, cli
+from hmnist.errors import UserError, cli, first_line
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.
@@ -119,9 +119,8 @@ class Predictor:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             # right format tag but missing fields or mismatched weights: damaged, or edited by hand
-            detail = (str(e).strip().splitlines() or [""])[0][:200]
             raise UserError(f"{self.checkpoint_path} is a damaged hmnist checkpoint: "
-                            f"{type(e).__name__} {detail}".rstrip()) from None
+                            f"{type(e).__name__} {first_line(e, '')}".rstrip()) from None
         if tuple(self.classes) != CLASSES:
             # the submission's columns are ISIC 2018's classes in ISIC 2018's order
             raise UserError(f"{self.checkpoint_path} predicts classes {', '.join(self.classes)}, "
