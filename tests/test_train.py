@@ -13,7 +13,7 @@ import yaml
 from conftest import LimitedGpu, tiny_params
 from hmnist.config import ModelConfig, parse_params
 from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
-from hmnist.data import load_prepared
+from hmnist.data import load_prepared, split_rows
 from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda
 from hmnist.errors import UserError
 from hmnist.models import create_model
@@ -266,7 +266,7 @@ def test_out_of_memory_at_micro_batch_one_is_a_user_error(data, synthetic_zip, m
         train(params_for(synthetic_zip, epochs=1, batch_size=4), images, index, split)
 
 
-def interrupt_second_epoch(monkeypatch):
+def interrupt_second_epoch(monkeypatch, validations_per_epoch: int = 1):
     """Ctrl-C during the second epoch's validation, once; later calls run normally.
     Returns the real evaluate_split."""
     real_evaluate = train_module.evaluate_split
@@ -274,7 +274,7 @@ def interrupt_second_epoch(monkeypatch):
 
     def evaluate_or_interrupt(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == validations_per_epoch + 1:
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
@@ -283,18 +283,20 @@ def interrupt_second_epoch(monkeypatch):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(data, synthetic_zip, tmp_path, monkeypatch):
-    """DeiT with stochastic depth draws from torch's generator every step: a resume that did not
-    restore it (or the sampling and augmentation generator) would end with other weights."""
+    """DeiT with stochastic depth draws from torch's generator every step, Mixup from numpy's: a
+    resume that did not restore them (or the sampling and augmentation generator, or the EMA)
+    would end with other weights."""
     images, index, split = data
     raw = tiny_params(synthetic_zip)
     raw["model"] = "deit"
     raw["models"]["deit"].update(epochs=3, drop_path_rate=0.2)
+    raw["train"].update(ema_decay=0.9, mixup=0.2)  # the EMA and Mixup's numpy draws resume too
     params = parse_params(raw)
     whole = tmp_path / "whole.pt"
     _, uninterrupted = train(params, images, index, split, resume_path=whole)
 
     resume = tmp_path / "resume.pt"
-    real_evaluate = interrupt_second_epoch(monkeypatch)
+    real_evaluate = interrupt_second_epoch(monkeypatch, validations_per_epoch=2)  # raw and EMA weights
     with pytest.raises(KeyboardInterrupt):
         train(params, images, index, split, resume_path=resume)
     assert torch.load(resume, weights_only=True)["epoch"] == 0  # stopped after the first epoch
@@ -302,8 +304,9 @@ def test_interrupted_run_resumes_to_the_same_weights(data, synthetic_zip, tmp_pa
     _, resumed = train(params, images, index, split, resume_path=resume)
     expected, got = torch.load(whole, weights_only=True), torch.load(resume, weights_only=True)
     assert got["epoch"] == expected["epoch"] == 2
-    for name, tensor in expected["model"].items():  # the last epoch's weights, tensor by tensor
-        assert torch.equal(tensor, got["model"][name]), name
+    for part in ("model", "ema"):  # the last epoch's weights, tensor by tensor
+        for name, tensor in expected[part].items():
+            assert torch.equal(tensor, got[part][name]), (part, name)
     assert [r["train/loss"] for r in got["history"]["epochs"]] == [r["train/loss"] for r in expected["history"]["epochs"]]
     assert resumed["best_epoch"] == uninterrupted["best_epoch"]
 
@@ -436,3 +439,118 @@ def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path
     curve = (tmp_path / "dvclive/plots/metrics/val/balanced_accuracy.tsv").read_text().splitlines()
     assert len(curve) == 1 + 3  # header + every epoch, the one before the interruption included
     assert (tmp_path / "plots/training_curves.png").exists()
+
+
+def test_soft_targets_are_smoothed_and_weighted_by_their_classes_in_proportion():
+    logits, labels = torch.randn(6, 7), torch.tensor([0, 1, 2, 5, 6, 1])
+    weights = torch.arange(1.0, 8.0)
+    criterion = SmoothedCrossEntropy(weights, 0.1)
+    one_hot = nn.functional.one_hot(labels, 7).float()
+    assert torch.allclose(criterion(logits, one_hot), criterion(logits, labels), atol=1e-6)
+    lam, partner = 0.7, labels.flip(0)
+    mixed = lam * one_hot + (1 - lam) * one_hot.flip(0)
+    q = 0.9 * mixed + 0.1 / 7
+    expected = -(q * logits.log_softmax(1)).sum(1) * (lam * weights[labels] + (1 - lam) * weights[partner])
+    assert torch.allclose(criterion(logits, mixed), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0)])
+def test_mixer_pairs_each_image_with_the_batch_reversed(mixup, cutmix):
+    from hmnist.augment import Mixer
+
+    np.random.seed(0)
+    x, labels = torch.rand(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4])
+    mixed, targets = Mixer(mixup, cutmix, 1.0, 7)(x, labels)
+    assert torch.allclose(targets.sum(1), torch.ones(5))
+    assert torch.equal(mixed[4], x[4]) and targets[4, 4] == 1  # odd batch: the last image stays as it is
+    lam = targets[0, 0].item()
+    assert 0 < lam < 1 and targets[0, 3] == pytest.approx(1 - lam)  # image 0 mixed with image 3 (of 4)
+    if mixup:
+        assert torch.allclose(mixed[:4], lam * x[:4] + (1 - lam) * x[:4].flip(0), atol=1e-6)
+    else:  # a box of the partner's pixels, its area the partner's share
+        from_partner = (mixed[0] == x[3]).all(0) & (mixed[0] != x[0]).all(0)
+        assert from_partner.float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+    np.random.seed(0)
+    again, _ = Mixer(mixup, cutmix, 1.0, 7)(x, labels)
+    assert torch.equal(mixed, again)  # numpy's generator: saved and restored with the training state
+
+
+def test_mixup_training_learns(data, synthetic_zip):
+    images, index, split = data
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"].update(epochs=6, lr=3e-3)
+    raw["train"].update(mixup=0.2, cutmix=1.0, mixup_prob=0.8)
+    _, meta = train(parse_params(raw), images, index, split)
+    assert meta["val_balanced_accuracy"] > 0.4
+
+
+def test_ema_is_validated_and_the_better_weights_are_kept(data, synthetic_zip, tmp_path, monkeypatch):
+    """Each epoch validates the raw then the EMA weights; scoring the EMA higher must keep it."""
+    images, index, split = data
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"].update(epochs=3)
+    raw["train"]["ema_decay"] = 0.9
+    params = parse_params(raw)
+    real_evaluate, calls = train_module.evaluate_split, []
+
+    def favour_ema(model, *args):
+        scores = real_evaluate(model, *args)
+        calls.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        if len(calls) % 2 == 0:  # the EMA weights: best at the last epoch
+            scores["balanced_accuracy"] = 10.0 + len(calls)
+        return scores
+
+    monkeypatch.setattr(train_module, "evaluate_split", favour_ema)
+    state = tmp_path / "state.pt"
+    model, meta = train(params, images, index, split, resume_path=state)
+    assert len(calls) == 6 and meta["kept_weights"] == "ema" and meta["best_epoch"] == 3
+    assert meta["val_balanced_accuracy"] == 16.0
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in calls[-1].items())  # the last EMA weights
+    assert not all(torch.equal(kept[k], v) for k, v in calls[-2].items())  # not the raw ones
+    saved = torch.load(state, weights_only=True)["ema"]
+    assert all(torch.equal(saved[f"module.{k}"], v) for k, v in calls[-1].items())
+    history = torch.load(state, weights_only=True)["history"]["epochs"]
+    assert "val_ema/balanced_accuracy" in history[0] and "val/balanced_accuracy" in history[0]
+
+
+def test_raw_weights_kept_when_they_validate_better(data, synthetic_zip):
+    images, index, split = data
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"].update(epochs=3, lr=3e-3)
+    raw["train"]["ema_decay"] = 0.5
+    model, meta = train(parse_params(raw), images, index, split)
+    val_rows = split_rows(index, split, "val")
+    assert meta["kept_weights"] in ("raw", "ema")
+    # whichever was kept, the returned weights score what the checkpoint says they scored
+    from hmnist.augment import ModelInput
+    scores = train_module.evaluate_split(model, torch.from_numpy(images[val_rows]),
+                                         index["label"].to_numpy()[val_rows],
+                                         ModelInput(32, tuple(meta["mean"]), tuple(meta["std"]), torch.device("cpu")),
+                                         64, torch.device("cpu"))
+    assert scores["balanced_accuracy"] == pytest.approx(meta["val_balanced_accuracy"], abs=1e-9)
+
+
+def test_gradient_clipping_and_layer_decay_reach_the_optimizer(data, synthetic_zip, monkeypatch):
+    images, index, split = data
+    raw = tiny_params(synthetic_zip)
+    raw["model"] = "deit"
+    raw["models"]["deit"].update(epochs=1, layer_decay=0.75)
+    raw["train"].update(clip_grad=0.5, clip_mode="value")
+    seen = {"clip": [], "layer_decay": []}
+    real_clip, real_groups = train_module.dispatch_clip_grad, train_module.param_groups
+
+    def clip(parameters, value, mode):
+        parameters = list(parameters)
+        real_clip(parameters, value, mode=mode)
+        seen["clip"].append((value, mode, max(p.grad.abs().max().item() for p in parameters if p.grad is not None)))
+
+    def groups(model, lr, weight_decay, layer_decay=None):
+        seen["layer_decay"].append(layer_decay)
+        return real_groups(model, lr, weight_decay, layer_decay)
+
+    monkeypatch.setattr(train_module, "dispatch_clip_grad", clip)
+    monkeypatch.setattr(train_module, "param_groups", groups)
+    train(parse_params(raw), images, index, split)
+    assert seen["layer_decay"] == [0.75]
+    assert seen["clip"] and all(v == 0.5 and m == "value" and largest <= 0.5 for v, m, largest in seen["clip"])

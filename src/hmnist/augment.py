@@ -198,3 +198,27 @@ def jitter_reference(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.
     gray = (x * weights).sum(1, keepdim=True)
     x = gray + (x - gray) * s
     return x.clamp(0, 255)
+
+
+class Mixer:
+    """Mixup / CutMix of a training batch (timm's `Mixup`, in batch mode: one mixing ratio per
+    batch, each image paired with the batch reversed): mixed images and soft targets, rows of
+    class proportions that engine.SmoothedCrossEntropy smooths and weights. timm draws from
+    numpy's global generator, which the training state saves and restores. An odd batch leaves
+    its last image unmixed (timm pairs images two by two)."""
+
+    def __init__(self, mixup: float, cutmix: float, prob: float, num_classes: int):
+        from timm.data import Mixup
+
+        # smoothing 0: the loss smooths, so mixed and unmixed batches are smoothed alike
+        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, label_smoothing=0.0,
+                           num_classes=num_classes)
+        self.num_classes = num_classes
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = F.one_hot(labels, self.num_classes).float()
+        even = len(x) - len(x) % 2
+        if even:
+            x = x.clone()  # timm mixes in place
+            x[:even], targets[:even] = self.mixup(x[:even], labels[:even])
+        return x, targets

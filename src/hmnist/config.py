@@ -23,7 +23,8 @@ PARAMS_FILE = "params.yaml"
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 DEVICES = ("auto", "cuda", "cpu")
 BALANCE = ("loss", "sampler", "none")
-TTA = ("none", "flips", "dihedral")  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
+TTA = ("none", "flips", "dihedral")
+CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class ModelConfig:
     # stochastic depth: each residual branch is skipped with a probability rising to this in the
     # last block (timm's drop_path_rate); models without residual branches ignore it
     drop_path_rate: float = 0.0
+    # layer-wise learning-rate decay: each layer's lr is lr * layer_decay ** (layers above it), so
+    # pretrained early layers move less; 1 = off. Models without timm's layer grouping ignore it
+    layer_decay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,17 @@ class TrainConfig:
     crop_area_min: float = 0.35  # random resized crop keeps 35-100% of the image's area: the lesion stays in view
     rotation: float = 180.0  # largest rotation either way, degrees: lesions have no "up"
     color_jitter: float = 0.1  # brightness, contrast, saturation within +-10%: mild, colour is diagnostic
+    # Mixup / CutMix (timm): Beta(alpha, alpha) mixing ratio, 0 = off; with both on, each batch
+    # uses one of them at random. mixup_prob: the share of batches mixed
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    # exponential moving average of the weights (timm ModelEmaV3), evaluated every epoch beside
+    # the raw weights; the kept checkpoint is the better of the two. 0 = off, else the decay's
+    # ceiling: it warms up as 1 - (1 + step) ** -2/3, so short runs average over fewer steps
+    ema_decay: float = 0.0
+    clip_grad: float = 0.0  # gradient clipping threshold, 0 = off
+    clip_mode: str = "norm"  # norm (total gradient norm), value (each element), agc (adaptive, per unit)
     compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
     # deterministic kernels only: identical GPU runs, at some speed; CPU runs are identical anyway
     deterministic: bool = False
@@ -180,6 +195,7 @@ def _validate(p: Params) -> None:
         need(m.lr > 0, f"{where}.lr must be positive, got {m.lr}")
         need(m.weight_decay >= 0, f"{where}.weight_decay must be >= 0, got {m.weight_decay}")
         need(0 <= m.drop_path_rate < 1, f"{where}.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+        need(0 < m.layer_decay <= 1, f"{where}.layer_decay must be in (0, 1] (1 = off), got {m.layer_decay}")
     t = p.train
     need(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
     need(t.balance in BALANCE, f"train.balance must be one of {', '.join(BALANCE)}, got {t.balance!r}")
@@ -189,6 +205,12 @@ def _validate(p: Params) -> None:
     need(0 < t.crop_area_min <= 1, f"train.crop_area_min must be in (0, 1], got {t.crop_area_min}")
     need(0 <= t.rotation <= 180, f"train.rotation must be between 0 and 180 degrees, got {t.rotation}")
     need(0 <= t.color_jitter < 1, f"train.color_jitter must be in [0, 1), got {t.color_jitter}")
+    for name in ("mixup", "cutmix"):
+        need(getattr(t, name) >= 0, f"train.{name} must be >= 0 (a Beta alpha; 0 = off), got {getattr(t, name)}")
+    need(0 <= t.mixup_prob <= 1, f"train.mixup_prob must be between 0 and 1, got {t.mixup_prob}")
+    need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    need(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {t.clip_grad}")
+    need(t.clip_mode in CLIP_MODES, f"train.clip_mode must be one of {', '.join(CLIP_MODES)}, got {t.clip_mode!r}")
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be at least 1, got {p.evaluate.batch_size}")
     need(p.evaluate.tta in TTA, f"evaluate.tta must be one of {', '.join(TTA)}, got {p.evaluate.tta!r}")
 

@@ -129,19 +129,27 @@ class SmoothedCrossEntropy(nn.Module):
     every class c by w[c], so the loss of a confident sample is minimised at a different
     probability for each class (much more smoothing on a frequent class than on a rare one),
     which skews every probability the model outputs. Here the minimiser is p = q for every class.
+
+    Targets are class indices, or (Mixup/CutMix) rows t of class proportions summing to 1: then
+    q = (1 - s) t + s / K and the sample's weight is t . w, its classes' weights in proportion.
     """
 
     def __init__(self, weights: torch.Tensor | None, smoothing: float, num_classes: int = len(CLASSES)):
         super().__init__()
         self.weights, self.smoothing, self.num_classes = weights, smoothing, num_classes
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = logits.log_softmax(dim=1)
-        # q . -log p, without materialising q: (1 - s) * -log p_y + (s / K) * sum_c -log p_c
-        loss = -(1 - self.smoothing) * log_p.gather(1, labels[:, None]).squeeze(1)
+        # q . -log p, without materialising q: (1 - s) * t . -log p + (s / K) * sum_c -log p_c
+        if targets.is_floating_point():
+            loss = -(1 - self.smoothing) * (targets * log_p).sum(dim=1)
+            weight = None if self.weights is None else targets @ self.weights
+        else:
+            loss = -(1 - self.smoothing) * log_p.gather(1, targets[:, None]).squeeze(1)
+            weight = None if self.weights is None else self.weights[targets]
         if self.smoothing:
             loss = loss - self.smoothing / self.num_classes * log_p.sum(dim=1)
-        return loss if self.weights is None else loss * self.weights[labels]
+        return loss if weight is None else loss * weight
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -174,21 +182,25 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
 
 def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: nn.Module,
                    loss_weights: torch.Tensor | None, batch: torch.Tensor, micro_batches: int,
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, mix=None) -> torch.Tensor:
     """Accumulate the gradient of one batch's mean loss over `micro_batches` forward passes.
 
     Each micro-batch's summed loss is divided by the whole batch's weight (what a weighted
     mean-reduced cross-entropy divides by), so the gradient is the full batch's, exactly,
-    for models without batch statistics.
+    for models without batch statistics. `mix` (augment.Mixer) turns a micro-batch's inputs
+    and labels into mixed inputs and soft targets; it pairs images within the micro-batch, so
+    mixing keeps the batch's total weight.
     """
     labels = targets[batch]
     total_weight = loss_weights[labels].sum() if loss_weights is not None else len(batch)
     total = torch.zeros((), device=targets.device)
     for chunk in batch.tensor_split(micro_batches):
-        x = inputs(chunk)
+        x, y = inputs(chunk), targets[chunk]
+        if mix is not None:
+            x, y = mix(x, y)
         with autocast(device):  # the forward pass only; the loss is taken in fp32
             logits = model(x)
-        loss = criterion(logits.float(), targets[chunk]).sum() / total_weight
+        loss = criterion(logits.float(), y).sum() / total_weight
         loss.backward()
         total += loss.detach()  # stays on the device: a .item() here would stall the GPU every step
     return total

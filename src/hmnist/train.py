@@ -1,8 +1,10 @@
 """Stage `train`: fit `models.${model}` on the train split, keep the best validation epoch.
 
-AdamW with linear warmup and cosine decay, augmentation on the device, class imbalance
-handled by a weighted loss or sampler, label smoothing. After every epoch the full training
-state is saved under models/.resume/, so an interrupted run continues where it stopped.
+AdamW with linear warmup and cosine decay, augmentation on the device (and Mixup/CutMix when
+set), class imbalance handled by a weighted loss or sampler, label smoothing, optionally an
+EMA of the weights: each epoch both the raw and the EMA weights are validated and the kept
+checkpoint is the best of either. After every epoch the full training state is saved under
+models/.resume/, so an interrupted run continues where it stopped.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import pandas as pd
 import timm
 import torch
 import torch.nn as nn
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
-from hmnist.augment import Augment, ModelInput, memory_format
+from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, Params, load_params
 from hmnist.data import CHECKPOINT, CURVES, LIVE_DIR, PREPARED, RESUME_DIR, load_prepared, load_split, split_rows
 from hmnist.engine import (BatchSize, SmoothedCrossEntropy, backward_batch, class_weights, deterministic,
@@ -38,6 +41,7 @@ class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_score: float = -1.0
+    best_weights: str = "raw"  # or "ema": which of the epoch's two weight sets was kept
 
 
 def evaluate_split(model, images, labels, model_input, batch_size, device) -> dict[str, float]:
@@ -84,17 +88,20 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     loss_weights = weights if tc.balance == "loss" else None
     criterion = SmoothedCrossEntropy(loss_weights, tc.label_smoothing)
     sample_weights = weights[train_labels] if tc.balance == "sampler" else None
+    mixing = (tc.mixup > 0 or tc.cutmix > 0) and tc.mixup_prob > 0
+    mixer = Mixer(tc.mixup, tc.cutmix, tc.mixup_prob, len(CLASSES)) if mixing else None
 
     batch_size = min(config.batch_size, len(train_rows))
     # inference keeps no activations for backward: twice the training batch fits where it does
     # (and predict_probs halves it if not), and the batch size does not change the result
     val_batch_size = BatchSize(2 * config.batch_size)
     steps_per_epoch = max(1, len(train_rows) // batch_size)
-    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay), lr=config.lr,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay),
+                                  lr=config.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(round(tc.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch))
     step_model = torch.compile(model) if tc.compile else model
+    ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
 
     history, best_state, start_epoch, accum = History(), None, 0, 1
     if resume_path is not None and resume_path.exists():
@@ -102,6 +109,8 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"], generator)
         history = History(**state["history"])
         best_state, start_epoch, accum = state["best_state"], state["epoch"] + 1, state["accum"]
@@ -117,10 +126,15 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         nonlocal accum
         while True:
             try:
-                loss = backward_batch(step_model, inputs, train_labels, criterion, loss_weights, batch, accum, device)
+                loss = backward_batch(step_model, inputs, train_labels, criterion, loss_weights, batch, accum,
+                                      device, mixer)
+                if tc.clip_grad > 0:
+                    dispatch_clip_grad(model.parameters(), tc.clip_grad, mode=tc.clip_mode)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
+                if ema is not None:
+                    ema.update(model, step=scheduler.last_epoch)  # optimizer steps so far, resumed with it
                 return loss
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
@@ -144,30 +158,37 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
             if i % 20 == 0:  # reading the loss waits for the GPU: not every step
                 bar.set_postfix(loss=f"{losses[-1].item():.3f}")
         train_seconds = time.perf_counter() - started
-        val = evaluate_split(model, val_images, val_labels, model_input, val_batch_size, device)
+        candidates = {"raw": model} if ema is None else {"raw": model, "ema": ema.module}
+        vals = {name: evaluate_split(m, val_images, val_labels, model_input, val_batch_size, device)
+                for name, m in candidates.items()}
         record = {"epoch": epoch + 1, "train/loss": torch.stack(losses).mean().item(), "lr": scheduler.get_last_lr()[0],
-                  **{f"val/{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - started,
+                  **{f"{'val' if name == 'raw' else 'val_ema'}/{k}": v for name, val in vals.items() for k, v in val.items()},
+                  "epoch_seconds": time.perf_counter() - started,
                   "train_images_per_second": steps_per_epoch * batch_size / train_seconds}
         history.epochs.append(record)
-        print(f"epoch {epoch + 1}: train loss {record['train/loss']:.4f}, val loss {val['loss']:.4f}, "
-              f"accuracy {val['accuracy']:.4f}, balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
-        if val["balanced_accuracy"] > history.best_score:
-            history.best_score, history.best_epoch = val["balanced_accuracy"], epoch + 1
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        for name, val in vals.items():
+            print(f"epoch {epoch + 1}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
+                  f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
+                  f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
+            if val["balanced_accuracy"] > history.best_score:
+                history.best_score, history.best_epoch, history.best_weights = val["balanced_accuracy"], epoch + 1, name
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in candidates[name].state_dict().items()}
         if live is not None:
             _log(live, record)
         if resume_path is not None:
             resume_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
-                        "history": asdict(history), "best_state": best_state, "epoch": epoch, "accum": accum},
+                        "history": asdict(history), "best_state": best_state, "epoch": epoch, "accum": accum,
+                        "ema": ema.state_dict() if ema is not None else None},
                        resume_path.with_suffix(".tmp"))
             resume_path.with_suffix(".tmp").replace(resume_path)
 
     model.load_state_dict(best_state)
     best = history.epochs[history.best_epoch - 1]
+    prefix = "val" if history.best_weights == "raw" else "val_ema"
     if curves is not None:
-        plot_history(history.epochs, history.best_epoch, curves)
+        plot_history(history.epochs, history.best_epoch, history.best_weights, curves)
     meta = {
         "model_name": params.model,
         "arch": config.arch,
@@ -181,8 +202,9 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         # claim settings, such as data.source, that DVC does not re-run training for
         "params": {"model": params.model, f"models.{params.model}": asdict(config), "train": asdict(tc)},
         "best_epoch": history.best_epoch,
-        "val_balanced_accuracy": best["val/balanced_accuracy"],
-        "val_accuracy": best["val/accuracy"],
+        "kept_weights": history.best_weights,  # raw, or ema: the moving average's
+        "val_balanced_accuracy": best[f"{prefix}/balanced_accuracy"],
+        "val_accuracy": best[f"{prefix}/accuracy"],
         "effective_batch_size": batch_size,
         "micro_batches": accum,
         "train_images_per_second": float(np.median([r["train_images_per_second"] for r in history.epochs])),
@@ -191,7 +213,7 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     return model.eval(), meta
 
 
-def plot_history(epochs: list[dict[str, float]], best_epoch: int, path: Path) -> None:
+def plot_history(epochs: list[dict[str, float]], best_epoch: int, best_weights: str, path: Path) -> None:
     """Training curves as a PNG that opens without a browser (dvc plots show needs the web)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -203,8 +225,12 @@ def plot_history(epochs: list[dict[str, float]], best_epoch: int, path: Path) ->
     losses.plot(x, [r["val/loss"] for r in epochs], marker="o", label="val loss")
     scores.plot(x, [r["val/accuracy"] for r in epochs], marker="o", label="val accuracy")
     scores.plot(x, [r["val/balanced_accuracy"] for r in epochs], marker="o", label="val balanced accuracy")
+    if "val_ema/loss" in epochs[0]:
+        losses.plot(x, [r["val_ema/loss"] for r in epochs], marker="s", label="val loss, EMA weights")
+        scores.plot(x, [r["val_ema/balanced_accuracy"] for r in epochs], marker="s",
+                    label="val balanced accuracy, EMA weights")
     for ax in (losses, scores):
-        ax.axvline(best_epoch, color="gray", linestyle=":", label=f"kept: epoch {best_epoch}")
+        ax.axvline(best_epoch, color="gray", linestyle=":", label=f"kept: epoch {best_epoch} ({best_weights} weights)")
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
@@ -245,11 +271,12 @@ def main() -> None:
     with Live(str(LIVE_DIR), dvcyaml=False, report=None, save_dvc_exp=False) as live:
         model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=CURVES)
         live.summary["best/epoch"] = meta["best_epoch"]
+        live.summary["best/ema"] = int(meta["kept_weights"] == "ema")  # 1: the EMA weights were kept
         live.summary["best/val_balanced_accuracy"] = meta["val_balanced_accuracy"]
         live.summary["best/val_accuracy"] = meta["val_accuracy"]
     save_checkpoint(CHECKPOINT, model, meta)
     resume_path.unlink(missing_ok=True)  # finished: a re-run with these params starts afresh
-    print(f"saved {CHECKPOINT}: {params.model} best epoch {meta['best_epoch']}, "
+    print(f"saved {CHECKPOINT}: {params.model} best epoch {meta['best_epoch']} ({meta['kept_weights']} weights), "
           f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}, "
           f"{meta['train_images_per_second']:.0f} training images/s")
 
