@@ -102,13 +102,19 @@ def stage_run(workdir: Path, name: str, seed: int, params: dict, data: Path, src
 
 def collect(project: Path, data: Path, params: dict, train_seconds: float | None) -> dict:
     """One finished run's figures, from the files its stages wrote."""
+    import torch
+
     metrics = json.loads((project / "metrics/metrics.json").read_text())
     live = json.loads((project / "dvclive/metrics.json").read_text())
+    meta = torch.load(project / "models/model.pt", map_location="cpu", weights_only=True)  # the checkpoint's metadata
     epochs = params["models"]["resnet9"]["epochs"]
     speed = _split_count(data, "train") * epochs / train_seconds if train_seconds else None
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
             "macro_auc": metrics["macro_auc"], "val_balanced_accuracy": live["best/val_balanced_accuracy"],
-            "best_epoch": live["best/epoch"], "train_seconds": train_seconds, "train_images_per_second": speed}
+            "best_epoch": live["best/epoch"], "kept_weights": meta.get("kept_weights", "raw"),
+            "train_seconds": train_seconds, "train_images_per_second": speed,
+            # the training loop alone (median epoch), as the notebook row's figure: no start-up, no validation
+            "loop_images_per_second": meta.get("train_images_per_second")}
 
 
 def _split_count(data: Path, name: str) -> int:
@@ -116,18 +122,15 @@ def _split_count(data: Path, name: str) -> int:
     return int((pd.read_csv(data / "split.csv")["split"] == name).sum())
 
 
-def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -> dict:
-    """The peer: a plain loop as the Kaggle notebooks write it, on the same split's images."""
+def notebook_data(size: int, archive: Path, data: Path):
+    """The notebook's tensors: PIL-resized images normalised by the train images' own mean and
+    sd, and its class weights ((1/frequency)^0.5, mean sample weight 1)."""
     import numpy as np
     import pandas as pd
-    import timm
     import torch
-    import torch.nn as nn
     from PIL import Image
 
-    import hmnist.models  # noqa: F401  registers resnet9 with timm
     from hmnist.config import CLASSES as classes
-    from hmnist.metrics import compute_metrics
     split = pd.read_csv(data / "split.csv", dtype=str)
     pixels = {}
     with zipfile.ZipFile(archive) as z:
@@ -144,13 +147,20 @@ def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -
 
     (x_train, y_train), (x_test, y_test) = tensors("train"), tensors("test")
     mean, std = x_train.mean(dim=(0, 2, 3), keepdim=True), x_train.std(dim=(0, 2, 3), keepdim=True)
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     counts = torch.bincount(y_train, minlength=len(classes)).float()
     weights = (counts.sum() / counts.clamp(min=1)) ** 0.5
-    weights = weights / (weights[y_train].mean())
+    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test, weights / weights[y_train].mean()
 
+
+def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
+    """The notebook's loop; returns the model and the loop's seconds."""
+    import timm
+    import torch
+    import torch.nn as nn
+
+    import hmnist.models  # noqa: F401  registers resnet9 with timm
     torch.manual_seed(seed)
-    model = timm.create_model("resnet9", num_classes=len(classes))
+    model = timm.create_model("resnet9", num_classes=len(weights))
     batch = 128
     steps = len(x_train) // batch
     optimizer = torch.optim.Adam(model.parameters(), lr=4e-3, weight_decay=1e-4)
@@ -172,14 +182,50 @@ def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -
             nn.utils.clip_grad_value_(model.parameters(), 0.1)
             optimizer.step()
             schedule.step()
-    seconds = time.perf_counter() - started
+    return model, time.perf_counter() - started
+
+
+def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -> dict:
+    """The peer: a plain loop as the Kaggle notebooks write it, on the same split's images."""
+    import torch
+
+    from hmnist.metrics import compute_metrics
+    x_train, y_train, x_test, y_test, weights = notebook_data(size, archive, data)
+    model, seconds = notebook_train(x_train, y_train, weights, seed, epochs)
     model.eval()
     with torch.no_grad():
         probs = torch.cat([model(x_test[i:i + 256]).softmax(1) for i in range(0, len(x_test), 256)]).numpy()
     metrics = compute_metrics(y_test.numpy(), probs)  # the evaluate stage's definitions
+    speed = (len(x_train) // 128) * 128 * epochs / seconds
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
             "macro_auc": metrics["macro_auc"], "val_balanced_accuracy": None, "best_epoch": epochs, "train_seconds": seconds,
-            "train_images_per_second": steps * batch * epochs / seconds}
+            "train_images_per_second": speed, "loop_images_per_second": speed}
+
+
+def speed_rounds(params: dict, rounds: int, epochs: int, archive: Path, data: Path) -> list[tuple[float, float]]:
+    """Training speed of the stage's loop and the notebook's, in the same process, alternating
+    `rounds` times (whatever else the machine runs slows both alike): (stage, notebook) images
+    per second of the training loop, `epochs` epochs each. The stage's figure is its median
+    epoch, without validation; the notebook's, its whole loop."""
+    import numpy as np
+
+    from hmnist.config import parse_params
+    from hmnist.data import load_prepared, load_split
+    from hmnist.train import train
+
+    params = copy.deepcopy(params)
+    params["models"]["resnet9"]["epochs"] = epochs
+    images, index = load_prepared(data / "prepared")
+    images, split = np.asarray(images), load_split(data / "split.csv")
+    x_train, y_train, _, _, weights = notebook_data(params["prepare"]["size"], archive, data)
+    results = []
+    for r in range(rounds):
+        _, meta = train(parse_params(params), images, index, split)
+        _, seconds = notebook_train(x_train, y_train, weights, r, epochs)
+        results.append((meta["train_images_per_second"], (len(x_train) // 128) * 128 * epochs / seconds))
+        print(f"round {r + 1}: stage {results[-1][0]:.1f} img/s, notebook {results[-1][1]:.1f} img/s",
+              file=sys.stderr, flush=True)
+    return results
 
 
 def table(results: list[dict]) -> str:
@@ -191,14 +237,16 @@ def table(results: list[dict]) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
     rows = ["| configuration | seeds | test balanced accuracy | test accuracy | test macro AUC | "
-            "val bal. acc. (kept epoch) − test | train img/s |", "|---|--:|--:|--:|--:|--:|--:|"]
+            "val bal. acc. (kept epoch) − test | train img/s (stage) | train img/s (loop) |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|"]
     names = list(dict.fromkeys(r["config"] for r in results))
     for name in names:
         runs = [r for r in results if r["config"] == name]
         gap = [r["val_balanced_accuracy"] - r["balanced_accuracy"] for r in runs if r["val_balanced_accuracy"] is not None]
         rows.append(f"| {name} | {len(runs)} | {cell([r['balanced_accuracy'] for r in runs])} | "
                     f"{cell([r['accuracy'] for r in runs])} | {cell([r['macro_auc'] for r in runs])} | "
-                    f"{cell(gap)} | {cell([r['train_images_per_second'] for r in runs], 0)} |")
+                    f"{cell(gap)} | {cell([r['train_images_per_second'] for r in runs], 0)} | "
+                    f"{cell([r.get('loop_images_per_second') for r in runs], 0)} |")
     return "\n".join(rows)
 
 
@@ -216,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path.home() / "hmnist-quality")
     parser.add_argument("--tag", default="", help="appended to each configuration's name in the results")
     parser.add_argument("--table-only", action="store_true", help="print the table of the results so far")
+    parser.add_argument("--speed", type=int, metavar="ROUNDS", default=0,
+                        help="instead of quality runs: the training speed of the (first) configuration's stage loop "
+                             "and of the notebook's, alternating ROUNDS times in one process, 2 epochs each")
     args = parser.parse_args(argv)
 
     configs = {name: dict(overrides) for name, overrides in CONFIGS.items()}
@@ -231,6 +282,20 @@ def main(argv: list[str] | None = None) -> None:
         base = yaml.safe_load(base_file.read_text())
         commit = subprocess.run(["git", "-C", str(args.src), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
+        if args.speed:
+            name = args.configs.split(",")[0]
+            params = budget(base, args.archive.resolve(), args.size, args.epochs, 0)
+            for key, value in configs[name].items():
+                set_key(params, key, value)
+            data = data_stages(args.workdir, params, args.src.resolve())
+            pairs = speed_rounds(params, args.speed, 2, args.archive, data)
+            stage, notebook = ([p[i] for p in pairs] for i in (0, 1))
+            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+            print(f"| {name + args.tag} stage loop | {statistics.mean(stage):.1f} ± {sd(stage):.1f} img/s |\n"
+                  f"| notebook loop | {statistics.mean(notebook):.1f} ± {sd(notebook):.1f} img/s |\n"
+                  f"| ratio stage / notebook, per round | "
+                  f"{', '.join(f'{a / b:.2f}' for a, b in pairs)} |")
+            return
         for name in args.configs.split(","):
             if name not in configs:
                 parser.error(f"unknown configuration {name!r}: {', '.join(configs)} (or define it with --set)")

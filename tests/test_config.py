@@ -44,6 +44,11 @@ def test_params_are_frozen():
     (lambda p: p["train"].update(balance="oversample"), "train.balance must be one of"),
     (lambda p: p["models"]["resnet9"].pop("arch"), "missing key 'models.resnet9.arch'"),
     (lambda p: p["prepare"].update(size=8), "prepare.size must be at least 16"),
+    (lambda p: p["models"]["deit"].update(layer_decay=0), "models.deit.layer_decay must be in (0, 1]"),
+    (lambda p: p["train"].update(mixup=-1), "train.mixup must be >= 0"),
+    (lambda p: p["train"].update(mixup_prob=2), "train.mixup_prob must be between 0 and 1"),
+    (lambda p: p["train"].update(ema_decay=1.0), "train.ema_decay must be in [0, 1)"),
+    (lambda p: p["train"].update(clip_mode="max"), "train.clip_mode must be one of norm, value, agc"),
 ])
 def test_bad_params_name_the_key(edit, message):
     params = real()
