@@ -100,6 +100,24 @@ def stage_run(workdir: Path, name: str, seed: int, params: dict, data: Path, src
     return collect(project, data, params, train_seconds)
 
 
+def tta_run(workdir: Path, run: dict, tta: str, src: Path) -> dict:
+    """A finished run's checkpoint evaluated again with evaluate.tta set: TTA costs no training."""
+    source = workdir / "runs" / f"{run['config']}-{run['seed']}"
+    project = workdir / "runs" / f"{run['config']}+tta-{tta}-{run['seed']}"
+    shutil.rmtree(project, ignore_errors=True)
+    (project / "models").mkdir(parents=True)
+    (project / "data").symlink_to((source / "data").resolve())
+    shutil.copy(source / "models/model.pt", project / "models/model.pt")
+    shutil.copytree(source / "dvclive", project / "dvclive")
+    params = yaml.safe_load((source / "params.yaml").read_text())
+    params["evaluate"]["tta"] = tta
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage("evaluate", project, src, project / "log.txt")
+    result = collect(project, (source / "data").resolve(), params, None)
+    return {**result, "train_seconds": run["train_seconds"], "train_images_per_second": run["train_images_per_second"],
+            "loop_images_per_second": run.get("loop_images_per_second")}
+
+
 def collect(project: Path, data: Path, params: dict, train_seconds: float | None) -> dict:
     """One finished run's figures, from the files its stages wrote."""
     import torch
@@ -264,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path.home() / "hmnist-quality")
     parser.add_argument("--tag", default="", help="appended to each configuration's name in the results")
     parser.add_argument("--table-only", action="store_true", help="print the table of the results so far")
+    parser.add_argument("--tta", choices=("flips", "dihedral"),
+                        help="instead of training: evaluate the finished runs of --configs again with evaluate.tta "
+                             "set to this (rows named CONFIG+tta-MODE)")
     parser.add_argument("--speed", type=int, metavar="ROUNDS", default=0,
                         help="instead of quality runs: the training speed of the (first) configuration's stage loop "
                              "and of the notebook's, alternating ROUNDS times in one process, 2 epochs each")
@@ -282,6 +303,22 @@ def main(argv: list[str] | None = None) -> None:
         base = yaml.safe_load(base_file.read_text())
         commit = subprocess.run(["git", "-C", str(args.src), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
+        if args.tta:
+            for name in args.configs.split(","):
+                for run in [r for r in done if r["config"] == name + args.tag and r["size"] == args.size
+                            and r["epochs"] == args.epochs]:
+                    label = f"{run['config']}+tta-{args.tta}"
+                    if any(r["config"] == label and r["seed"] == run["seed"] for r in done):
+                        continue
+                    result = tta_run(args.workdir, run, args.tta, args.src.resolve())
+                    result.update(config=label, seed=run["seed"], size=args.size, epochs=args.epochs, commit=commit,
+                                  overrides={**run.get("overrides", {}), "evaluate.tta": args.tta},
+                                  date=time.strftime("%Y-%m-%d"))
+                    done.append(result)
+                    with open(results_file, "a") as f:
+                        f.write(json.dumps(result) + "\n")
+            print(table([r for r in done if r["size"] == args.size and r["epochs"] == args.epochs]))
+            return
         if args.speed:
             name = args.configs.split(",")[0]
             params = budget(base, args.archive.resolve(), args.size, args.epochs, 0)

@@ -84,3 +84,13 @@ def test_invalid_yaml(tmp_path):
 def test_missing_params_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_exponent_without_a_dot_is_a_float():
+    """`lr: 4e-3` is a float to YAML 1.2 and to `dvc exp run -S`, a string to PyYAML."""
+    params = real()
+    params["models"]["deit"]["lr"] = yaml.safe_load("4e-3")
+    assert parse_params(params).models["deit"].lr == 4e-3
+    params["models"]["deit"]["batch_size"] = "4e3"
+    with pytest.raises(UserError, match="batch_size must be int"):
+        parse_params(params)

@@ -6,6 +6,7 @@ stage that runs, with one line naming the key, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import yaml
 from hmnist.errors import UserError
 
 PARAMS_FILE = "params.yaml"
+YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent without a dot: not a float to PyYAML
 
 # ISIC 2018 Task 3 order; the label of an image is its index here. HAM10000 spells them in
 # lower case in the `dx` column.
@@ -132,6 +134,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # 4e-3: a float in YAML 1.2 (and to DVC), a string to PyYAML's YAML 1.1
         if option is str and isinstance(value, str):
             return value
     names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
