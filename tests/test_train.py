@@ -77,6 +77,11 @@ def test_augment_geometry_matches_its_definition():
     quarter = fixed_augment(angle=math.pi / 2)(images)
     assert torch.allclose(quarter, images.rot90(1, dims=(2, 3)), atol=1e-3) or \
         torch.allclose(quarter, images.rot90(-1, dims=(2, 3)), atol=1e-3)
+    for ratio in (math.log(3 / 4), math.log(4 / 3)):  # area 1: the whole image, whatever the drawn ratio
+        assert torch.allclose(fixed_augment(log_ratio=ratio)(images), images, atol=1e-3)
+    wide = fixed_augment(area=0.5, log_ratio=math.log(4))  # too wide to fit: full width, half the height
+    band = torch.nn.functional.interpolate(images[:, :, 4:12, :], size=16, mode="bilinear", align_corners=False)
+    assert (wide(images) - band)[:, :, 2:-2, 2:-2].abs().max() < 1e-3
     crop = fixed_augment(area=0.25)(images)  # the centre half of each side, stretched to the whole
     centre = torch.nn.functional.interpolate(images[:, :, 4:12, 4:12], size=16, mode="bilinear", align_corners=False)
     assert (crop - centre)[:, :, 2:-2, 2:-2].abs().max() < 1e-3

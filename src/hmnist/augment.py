@@ -156,7 +156,13 @@ class Augment:
     def geometry(self, x: torch.Tensor, u: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """Random resized crop, rotation and flips of a float NCHW batch, as drawn in `u`,
         sampled at `size` x `size` (default: the batch's own size)."""
-        extent = torch.sqrt(u[:, 0:1] * torch.exp(u[:, 1:2] * self.signs)).clamp_(max=1)  # width, height
+        area = u[:, 0:1]
+        extent = torch.sqrt(area * torch.exp(u[:, 1:2] * self.signs))  # width, height
+        # a side longer than the image is cut to it and the other side keeps the drawn area, so
+        # the crop's area is always the drawn one: area 1 is the whole image, unstretched
+        # (clamping each side alone cropped up to 13% off one side and stretched the rest)
+        too_long = extent > 1
+        extent = torch.where(too_long, 1.0, torch.where(too_long.flip(1), area, extent))
         scale = extent * torch.where(u[:, 3:5] < 0.5, -1.0, 1.0)  # flips
         shift = u[:, 5:7] * (1 - extent)
         cos, sin = torch.cos(u[:, 2:3]), torch.sin(u[:, 2:3])
