@@ -105,8 +105,11 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     step_model = torch.compile(step_model) if tc.compile else step_model
 
     history, best_state, start_epoch, accum = History(), None, 0, 1
-    if resume_path is not None and resume_path.exists():
-        state = torch.load(resume_path, map_location=device, weights_only=True)
+    state = None
+    if resume_path is not None and resume_path.exists() and ranks.main:
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)  # loading copies to the device
+    state = distributed.from_main(state)  # rank 0's: every rank resumes alike, on other machines too
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
