@@ -55,7 +55,10 @@ class ModelInput:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x
 
-    def __call__(self, batch: torch.Tensor, augment: Augment | None = None) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, augment: Augment | None = None, draws: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """`draws`: the augmentation's random numbers for these images (`Augment.draw`), when
+        drawn for a larger batch than this one (a data-parallel rank's share); else drawn here."""
         if augment is None:
             x = self.resize(batch)
             x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
@@ -68,7 +71,7 @@ class ModelInput:
             # 1.5x would blur more than it saves.
             needed = math.ceil(self.size / math.sqrt(augment.crop_area[0]))
             x = self.planes(batch, needed if batch.shape[1] > 1.5 * needed else batch.shape[1])
-            u = augment.draw(x.shape[0])
+            u = augment.draw(x.shape[0]) if draws is None else draws
             x = augment.geometry(x, u, self.size)
             matrix, offset = augment.colour(x, u)
             # normalising is affine too: fold it in, (A x + b - mean) / std

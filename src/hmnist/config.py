@@ -68,7 +68,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    device: str = "auto"  # auto: CUDA when present, else CPU with a notice
+    device: str = "auto"  # auto: CUDA when present (a GPU no other hmnist run holds), else CPU with a notice; cuda:K pins one
+    devices: int | str = 1  # processes of one data-parallel run, one per GPU (or CPU processes); "all": every visible GPU
     seed: int = 0
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
     balance: str = "loss"  # how class imbalance is handled: weighted loss, weighted sampler, or none
@@ -201,7 +202,10 @@ def _validate(p: Params) -> None:
         need(0 <= m.drop_path_rate < 1, f"{where}.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
         need(0 < m.layer_decay <= 1, f"{where}.layer_decay must be in (0, 1] (1 = off), got {m.layer_decay}")
     t = p.train
-    need(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
+    need(t.device in DEVICES or re.fullmatch(r"cuda:\d+", t.device) is not None,
+         f"train.device must be one of {', '.join(DEVICES)} or cuda:K, got {t.device!r}")
+    need(t.devices == "all" or (isinstance(t.devices, int) and t.devices >= 1),
+         f"train.devices must be a number of processes (at least 1) or all, got {t.devices!r}")
     need(t.balance in BALANCE, f"train.balance must be one of {', '.join(BALANCE)}, got {t.balance!r}")
     need(0 <= t.balance_power <= 1, f"train.balance_power must be between 0 and 1, got {t.balance_power}")
     need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")

@@ -23,9 +23,14 @@ from hmnist.errors import UserError, first_line
 
 
 def resolve_device(name: str, setting: str = "train.device") -> torch.device:
-    """`auto` is CUDA when present; `setting` names where the choice came from, for the error."""
+    """`auto` is CUDA when present; `cuda:K` the K-th visible GPU; `setting` names where the
+    choice came from, for the error."""
+    if name.startswith("cuda:") and name[5:].isdigit():
+        if int(name[5:]) >= torch.cuda.device_count():
+            raise UserError(f"{setting} is {name} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        return torch.device(name)
     if name not in ("auto", "cuda", "cpu"):
-        raise UserError(f"{setting} must be one of auto, cuda, cpu, got {name!r}")
+        raise UserError(f"{setting} must be one of auto, cuda, cuda:K, cpu, got {name!r}")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError(f"{setting} is cuda but no CUDA GPU is visible: set {setting} to auto or cpu")
@@ -182,26 +187,34 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
 
 def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: nn.Module,
                    loss_weights: torch.Tensor | None, batch: torch.Tensor, micro_batches: int,
-                   device: torch.device, mix=None) -> torch.Tensor:
-    """Accumulate the gradient of one batch's mean loss over `micro_batches` forward passes.
+                   device: torch.device, shard=lambda rows: rows, ranks: int = 1, mix=None) -> torch.Tensor:
+    """Accumulate the gradient of one batch's mean loss over `micro_batches` forward passes;
+    with data parallelism, of this rank's `shard` of the batch, out of `ranks`.
 
     Each micro-batch's summed loss is divided by the whole batch's weight (what a weighted
     mean-reduced cross-entropy divides by), so the gradient is the full batch's, exactly,
-    for models without batch statistics. `mix` (augment.Mixer) turns a micro-batch's inputs
-    and labels into mixed inputs and soft targets; it pairs images within the micro-batch, so
-    mixing keeps the batch's total weight.
+    for models without batch statistics. Likewise over ranks: every shard is divided by the
+    whole batch's weight (not its own, which differs from shard to shard with class weights
+    or unequal shards), and times `ranks`, since DDP averages the ranks' gradients: the
+    average is then the sum of the shards' gradients, the whole batch's. Returns this rank's
+    part of the batch's loss (the ranks' parts sum to it).
+
+    `mix` (augment.Mixer) turns a micro-batch's inputs and labels into mixed inputs and soft
+    targets. It pairs images within the micro-batch (this rank's, when several), which keeps
+    the batch's total weight; so with Mixup, micro-batches and processes change which images
+    are mixed together.
     """
     labels = targets[batch]
     total_weight = loss_weights[labels].sum() if loss_weights is not None else len(batch)
     total = torch.zeros((), device=targets.device)
-    for chunk in batch.tensor_split(micro_batches):
+    for chunk in shard(batch).tensor_split(micro_batches):
         x, y = inputs(chunk), targets[chunk]
         if mix is not None:
             x, y = mix(x, y)
         with autocast(device):  # the forward pass only; the loss is taken in fp32
             logits = model(x)
         loss = criterion(logits.float(), y).sum() / total_weight
-        loss.backward()
+        (loss * ranks).backward()
         total += loss.detach()  # stays on the device: a .item() here would stall the GPU every step
     return total
 

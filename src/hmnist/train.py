@@ -4,7 +4,9 @@ AdamW with linear warmup and cosine decay, augmentation on the device (and Mixup
 set), class imbalance handled by a weighted loss or sampler, label smoothing, optionally an
 EMA of the weights: each epoch both the raw and the EMA weights are validated and the kept
 checkpoint is the best of either. After every epoch the full training state is saved under
-models/.resume/, so an interrupted run continues where it stopped.
+models/.resume/, so an interrupted run continues where it stopped. With `train.devices`
+above 1, the stage starts one process per device through torchrun (hmnist.distributed);
+each trains on its share of every batch, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
+from hmnist import distributed
 from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, Params, load_params
 from hmnist.data import CHECKPOINT, CURVES, LIVE_DIR, PREPARED, RESUME_DIR, load_prepared, load_split, split_rows
@@ -68,7 +71,8 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
 def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame,
            resume_path: Path | None, live: Any, curves: Path | None) -> tuple[nn.Module, dict[str, Any]]:
     config, tc = params.model_config, params.train
-    device = resolve_device(tc.device)
+    ranks = distributed.ranks()
+    device = distributed.device(tc.device, ranks, resolve_device(tc.device))
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
 
@@ -92,6 +96,9 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     mixer = Mixer(tc.mixup, tc.cutmix, tc.mixup_prob, len(CLASSES)) if mixing else None
 
     batch_size = min(config.batch_size, len(train_rows))
+    if batch_size < ranks.world:
+        raise UserError(f"a batch of {batch_size} cannot be shared by {ranks.world} processes: "
+                        f"raise models.{params.model}.batch_size or lower train.devices")
     # inference keeps no activations for backward: twice the training batch fits where it does
     # (and predict_probs halves it if not), and the batch size does not change the result
     val_batch_size = BatchSize(2 * config.batch_size)
@@ -100,35 +107,47 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
                                   lr=config.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(round(tc.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch))
-    step_model = torch.compile(model) if tc.compile else model
+    step_model = distributed.data_parallel(model, device, ranks)
+    step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
 
     history, best_state, start_epoch, accum = History(), None, 0, 1
-    if resume_path is not None and resume_path.exists():
-        state = torch.load(resume_path, map_location=device, weights_only=True)
+    state = None
+    if resume_path is not None and resume_path.exists() and ranks.main:
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)  # loading copies to the device
+    state = distributed.from_main(state)  # rank 0's: every rank resumes alike, on other machines too
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"], generator)
+        rng = state["rng"]  # one per rank when several (their dropout draws differ)
+        set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng, generator)
         history = History(**state["history"])
         best_state, start_epoch, accum = state["best_state"], state["epoch"] + 1, state["accum"]
-        print(f"resuming after epoch {start_epoch} of {config.epochs} from {resume_path}", file=sys.stderr)
+        if ranks.main:
+            print(f"resuming after epoch {start_epoch} of {config.epochs} from {resume_path}", file=sys.stderr)
         if live is not None:
             for record in history.epochs:  # DVC deleted the old plots: write them again
                 _log(live, record)
 
-    def inputs(rows: torch.Tensor) -> torch.Tensor:
-        return model_input(train_images[rows], augment)
-
     def step(batch: torch.Tensor) -> torch.Tensor:
         nonlocal accum
+        # the whole batch's augmentation, drawn on every rank and sliced: the same whatever the
+        # number of processes (and micro-batches)
+        draws = augment.draw(len(batch)) if augment is not None else None
+        labels = train_labels[batch]
+
+        def inputs(at: torch.Tensor) -> torch.Tensor:  # positions in the batch
+            return model_input(train_images[batch[at]], augment, None if draws is None else draws[at])
+
+        positions = torch.arange(len(batch), device=batch.device)
         while True:
             try:
-                loss = backward_batch(step_model, inputs, train_labels, criterion, loss_weights, batch, accum,
-                                      device, mixer)
-                if tc.clip_grad > 0:
+                loss = backward_batch(step_model, inputs, labels, criterion, loss_weights, positions, accum, device,
+                                      ranks.shard, ranks.world, mixer)
+                if tc.clip_grad > 0:  # after DDP's all-reduce: every rank clips the same gradient
                     dispatch_clip_grad(model.parameters(), tc.clip_grad, mode=tc.clip_mode)
                 optimizer.step()
                 scheduler.step()
@@ -140,6 +159,9 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                if ranks.world > 1:  # the ranks would have to agree on micro-batches mid-step
+                    raise UserError(f"out of GPU memory at {math.ceil(len(batch) / ranks.world)} images per GPU for "
+                                    f"{config.arch}: lower models.{params.model}.batch_size or train on more GPUs")
                 if len(batch) // accum <= 1:
                     raise UserError(f"out of GPU memory even with micro-batches of 1 for {config.arch} "
                                     f"at {config.resize}px: lower resize or use a smaller model") from None
@@ -152,33 +174,38 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         model.train()
         started, losses = time.perf_counter(), []
         batches = epoch_batches(len(train_rows), batch_size, generator, sample_weights)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                   disable=not ranks.main)
         for i, batch in enumerate(bar):
             losses.append(step(batch))
             if i % 20 == 0:  # reading the loss waits for the GPU: not every step
-                bar.set_postfix(loss=f"{losses[-1].item():.3f}")
+                bar.set_postfix(loss=f"{losses[-1].item() * ranks.world:.3f}")
         train_seconds = time.perf_counter() - started
+        train_loss = distributed.all_sum(torch.stack(losses).mean()).item()  # the ranks' parts of each batch's loss
         candidates = {"raw": model} if ema is None else {"raw": model, "ema": ema.module}
-        vals = {name: evaluate_split(m, val_images, val_labels, model_input, val_batch_size, device)
-                for name, m in candidates.items()}
-        record = {"epoch": epoch + 1, "train/loss": torch.stack(losses).mean().item(), "lr": scheduler.get_last_lr()[0],
+        # rank 0 validates, and every rank keeps the epoch and weights its metrics choose
+        vals = distributed.from_main({name: evaluate_split(m, val_images, val_labels, model_input, val_batch_size, device)
+                                      for name, m in candidates.items()} if ranks.main else None)
+        record = {"epoch": epoch + 1, "train/loss": train_loss, "lr": scheduler.get_last_lr()[0],
                   **{f"{'val' if name == 'raw' else 'val_ema'}/{k}": v for name, val in vals.items() for k, v in val.items()},
                   "epoch_seconds": time.perf_counter() - started,
                   "train_images_per_second": steps_per_epoch * batch_size / train_seconds}
         history.epochs.append(record)
         for name, val in vals.items():
-            print(f"epoch {epoch + 1}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
-                  f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
-                  f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
+            if ranks.main:
+                print(f"epoch {epoch + 1}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
+                      f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
+                      f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
             if val["balanced_accuracy"] > history.best_score:
                 history.best_score, history.best_epoch, history.best_weights = val["balanced_accuracy"], epoch + 1, name
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in candidates[name].state_dict().items()}
         if live is not None:
             _log(live, record)
-        if resume_path is not None:
+        rng = distributed.gather(rng_state(generator)) if ranks.world > 1 else rng_state(generator)
+        if resume_path is not None and ranks.main:
             resume_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng_state(generator),
+                        "scheduler": scheduler.state_dict(), "rng": rng,
                         "history": asdict(history), "best_state": best_state, "epoch": epoch, "accum": accum,
                         "ema": ema.state_dict() if ema is not None else None},
                        resume_path.with_suffix(".tmp"))
@@ -187,7 +214,7 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     model.load_state_dict(best_state)
     best = history.epochs[history.best_epoch - 1]
     prefix = "val" if history.best_weights == "raw" else "val_ema"
-    if curves is not None:
+    if curves is not None and ranks.main:
         plot_history(history.epochs, history.best_epoch, history.best_weights, curves)
     meta = {
         "model_name": params.model,
@@ -207,6 +234,7 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         "val_accuracy": best[f"{prefix}/accuracy"],
         "effective_batch_size": batch_size,
         "micro_batches": accum,
+        "processes": ranks.world,
         "train_images_per_second": float(np.median([r["train_images_per_second"] for r in history.epochs])),
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
@@ -258,12 +286,24 @@ def remove_abandoned_states(folder: Path, keep: Path) -> list[Path]:
 
 @cli
 def main() -> None:
+    params = load_params()
+    processes = distributed.process_count(params.train.devices, params.train.device)
+    if processes > 1 and not distributed.in_worker():
+        distributed.launch("hmnist.train", processes, params.train.device)  # torchrun runs this main() in each
+        return
+    with distributed.worker(params.train.device) as ranks:
+        _main(params, ranks)
+
+
+def _main(params: Params, ranks: distributed.Ranks) -> None:
     from dvclive import Live
 
-    params = load_params()
     split = load_split()
     images, index = load_prepared(PREPARED)
     resume_path = RESUME_DIR / f"{resume_key(params, split, images.shape)}.pt"
+    if not ranks.main:  # only rank 0 writes; the others train and agree
+        train(params, images, index, split, resume_path=resume_path)
+        return
     removed = remove_abandoned_states(RESUME_DIR, keep=resume_path)
     if removed:
         print(f"removed {len(removed)} resume state(s) of earlier unfinished runs with other params: "

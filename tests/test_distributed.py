@@ -1,0 +1,277 @@
+"""Data-parallel training on CPU processes (gloo), and one GPU per run (fake GPUs, real locks).
+
+Every multi-process test keeps to tiny models and one thread per process: CI has few cores.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import yaml
+
+from conftest import BIN, run, tiny_params
+from hmnist import distributed
+from hmnist.config import parse_params
+from hmnist.data import load_prepared
+from hmnist.distributed import Ranks
+from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights
+from hmnist.errors import UserError
+from hmnist.prepare import prepare
+from hmnist.split import split_lesions, write_split
+from hmnist.train import train
+
+
+def small_params(synthetic_zip, model: str, **settings):
+    raw = tiny_params(synthetic_zip)
+    raw["model"] = model
+    # 15: shares of 8 and 7, so unequal shards (and, with class weights, unequal normalisers) are covered
+    raw["models"][model].update(batch_size=15, epochs=1, lr=1e-3)
+    raw["models"][model].update(settings)
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, synthetic_zip):
+    folder = tmp_path_factory.mktemp("prepared")
+    prepare(synthetic_zip, folder, size=32, workers=1, progress=False)
+    images, index = load_prepared(folder)
+    split = split_lesions(index.astype(str), parse_params(tiny_params(synthetic_zip)).split)
+    # 45 training images: 3 steps of 15 an epoch are enough to tell, and float64 is slow
+    split.loc[split.index[split["split"] == "train"][45:], "split"] = "unused"
+    return np.asarray(images), index, split
+
+
+def _train_in_ranks(rank, world, init, jobs, data, out):
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, params, unsynced in jobs:
+            if unsynced:  # the control: each rank's batch norm sees only its own shard
+                distributed.sync_batchnorm = lambda model, device: model
+            model, _ = train(params, *data)
+            results[name] = model.state_dict()
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def difference(a: dict, b: dict) -> float:
+    """The largest difference between two state dicts, relative to each tensor's largest value."""
+    return max(((x.double() - y.double()).abs().max() / x.double().abs().max().clamp(min=1e-30)).item()
+               for x, y in zip(a.values(), b.values(), strict=True))
+
+
+def test_two_processes_train_like_one(data, synthetic_zip, tmp_path):
+    """DeiT (no batch statistics) and ResNet9 (synchronised batch norm), with augmentation and
+    class weights: 2 gloo processes end at the weights of 1 process with the same global batch.
+    The control, ResNet9 with each rank's batch norm on its own shard, does not.
+
+    In float64: in float32 the two agree at first (the first gradients to ~1e-6), but a batch-
+    norm network under Adam amplifies last-bit differences of reordered float sums step after
+    step (as another thread count does), so a float32 comparison would measure that chaos."""
+    deit = small_params(synthetic_zip, "deit", arch="deit_tiny_patch16_224")
+    resnet9 = small_params(synthetic_zip, "resnet9")
+    jobs = [("deit", deit, False), ("resnet9", resnet9, False), ("unsynced", resnet9, True)]
+    mp.spawn(_train_in_ranks, args=(2, tmp_path / "init", jobs, data, tmp_path / "out.pt"), nprocs=2)
+    two = torch.load(tmp_path / "out.pt", weights_only=True)
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    try:
+        one = {name: train(params, *data)[0].state_dict() for name, params in (("deit", deit), ("resnet9", resnet9))}
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    assert difference(one["deit"], two["deit"]) < 1e-6
+    assert difference(one["resnet9"], two["resnet9"]) < 1e-6
+    assert difference(one["resnet9"], two["unsynced"]) > 1e-2  # the comparison can tell
+
+
+def test_shards_add_up_to_the_whole_batch_gradient():
+    """What DDP averages over 2 ranks, each backward_batch of its share, equals the gradient of
+    the whole batch, with class weights (each shard's own normaliser would differ) and 7 rows
+    shared 4 + 3."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 7)
+    features, targets = torch.randn(7, 5), torch.tensor([0, 1, 1, 1, 2, 5, 6])
+    weights = class_weights(np.array([0, 1, 1, 1, 1, 1, 2, 5, 6]), 1.0)
+    criterion = SmoothedCrossEntropy(weights, 0.1)
+    batch = torch.arange(7)
+
+    def grad(ranks: Ranks) -> torch.Tensor:
+        model.zero_grad()
+        backward_batch(model, lambda rows: features[rows], targets, criterion, weights, batch, 1,
+                       torch.device("cpu"), ranks.shard, ranks.world)
+        return model.weight.grad.clone()
+
+    whole = grad(Ranks())
+    averaged = (grad(Ranks(0, 2)) + grad(Ranks(1, 2))) / 2
+    assert torch.allclose(averaged, whole, atol=1e-6)
+    assert Ranks(0, 2).shard(batch).tolist() == [0, 1, 2, 3] and Ranks(1, 2).shard(batch).tolist() == [4, 5, 6]
+
+
+# -- the train stage under torchrun -------------------------------------------------------------
+
+def stage_env(**extra) -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **extra}
+
+
+def start_stage(cwd: Path) -> subprocess.Popen:
+    # its own session, as a terminal's foreground job: Ctrl-C is SIGINT to it, not to pytest
+    return subprocess.Popen([sys.executable, "-m", "hmnist.train"], cwd=cwd, env=stage_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the stage ended ({proc.returncode}) too early:\n{proc.communicate()}")
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_repro_on_two_processes_with_ctrl_c_and_resume(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["devices"] = 2
+    params["models"]["resnet9"]["epochs"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "split"], project)
+
+    stage = start_stage(project)
+    resume = project / "models/.resume"
+    wait_for(lambda: resume.exists() and any(resume.glob("*.pt")), 240, stage)  # epoch 1 is saved
+    os.killpg(stage.pid, signal.SIGINT)
+    _, err = stage.communicate(timeout=60)
+    assert stage.returncode == 130, err
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err
+    assert not (project / "models/model.pt").exists() and len(list(resume.glob("*.pt"))) == 1
+
+    result = run(["dvc", "repro"], project)  # train resumes, then evaluate
+    output = result.stdout + result.stderr
+    assert "resuming after epoch" in output and "training in 2 CPU processes (gloo)" in output
+    assert output.count("resuming after epoch") == 1  # rank 0 alone speaks
+    metrics = json.loads((project / "metrics/metrics.json").read_text())
+    assert metrics["model"] == "resnet9" and 0 <= metrics["balanced_accuracy"] <= 1
+    checkpoint = torch.load(project / "models/model.pt", weights_only=True)
+    assert checkpoint["processes"] == 2
+    curve = (project / "dvclive/plots/metrics/val/balanced_accuracy.tsv").read_text().splitlines()
+    assert len(curve) == 1 + 3  # header + every epoch once: rank 0 alone logs
+    assert list(resume.iterdir()) == []
+
+
+@pytest.fixture
+def stage_dir(tmp_path, synthetic_zip) -> Path:
+    raw = tiny_params(synthetic_zip)
+    raw["train"]["devices"] = 2
+    raw["models"]["resnet9"]["epochs"] = 50  # long enough to be killed in the middle
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    prepare(synthetic_zip, tmp_path / "data/prepared", size=32, workers=1, progress=False)
+    _, index = load_prepared(tmp_path / "data/prepared")
+    write_split(split_lesions(index.astype(str), parse_params(raw).split), tmp_path / "data/split.csv",
+                tmp_path / "metrics/split.json")
+    return tmp_path
+
+
+def test_a_killed_rank_ends_the_stage_with_one_line(stage_dir):
+    import psutil
+
+    stage = start_stage(stage_dir)
+    workers = lambda: [p for p in psutil.Process(stage.pid).children(recursive=True)  # noqa: E731
+                       if p.environ().get("RANK") == "1"]
+    wait_for(lambda: any((stage_dir / "models/.resume").glob("*.pt")), 240, stage)  # training is under way
+    victim = workers()[0]
+    victim.kill()
+    killed = time.monotonic()
+    _, err = stage.communicate(timeout=60)
+    assert time.monotonic() - killed < 15
+    assert stage.returncode == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: training process rank 1 (pid {victim.pid}) was killed by SIGKILL"], err
+    assert "Traceback" not in err
+
+
+def test_a_user_error_in_every_worker_is_reported_once(tmp_path, synthetic_zip):
+    raw = tiny_params(synthetic_zip)
+    raw["train"]["devices"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))  # and no data: every rank fails alike
+    stage = start_stage(tmp_path)
+    _, err = stage.communicate(timeout=120)
+    assert stage.returncode == 2
+    assert [line for line in err.splitlines() if "error" in line.lower()] == \
+        ["error: data/split.csv not found: run `dvc repro split` first"], err
+
+
+def test_user_errors_of_the_devices_setting(synthetic_zip, monkeypatch):
+    raw = tiny_params(synthetic_zip)
+    raw["train"]["devices"] = 0
+    with pytest.raises(UserError, match="train.devices must be a number of processes"):
+        parse_params(raw)
+    raw["train"]["devices"] = "every"
+    with pytest.raises(UserError, match="train.devices must be a number of processes .* got 'every'"):
+        parse_params(raw)
+    raw["train"]["devices"], raw["train"]["device"] = "all", "cuda:x"
+    with pytest.raises(UserError, match="train.device must be one of auto, cuda, cpu or cuda:K"):
+        parse_params(raw)
+    with pytest.raises(UserError, match="train.devices is all but no CUDA GPU is visible"):
+        distributed.process_count("all", "cpu")
+    assert distributed.process_count(3, "cpu") == 3
+
+
+# -- one GPU per run ------------------------------------------------------------------------
+
+def test_runs_take_different_gpus(tmp_path, monkeypatch, capsys):
+    """Fake GPUs, real locks: two runs in this process take GPUs 0 and 1, `cuda:K` pins K."""
+    monkeypatch.setenv("HMNIST_LOCK_DIR", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    first = distributed.device("auto", Ranks(), torch.device("cuda"))
+    second = distributed.device("cuda", Ranks(), torch.device("cuda"))
+    assert (first, second) == (torch.device("cuda", 0), torch.device("cuda", 1))
+    assert "using GPU 1 (cuda:1)" in capsys.readouterr().err
+    assert distributed.device("cuda:2", Ranks(), torch.device("cuda:2")) == torch.device("cuda", 2)
+    assert distributed.device("auto", Ranks(1, 2, local=1), torch.device("cuda")) == torch.device("cuda", 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")  # locked by the names the machine gives them
+    assert distributed.device("auto", Ranks(), torch.device("cuda")) == torch.device("cuda", 0)
+    assert distributed.device("auto", Ranks(), torch.device("cuda")) == torch.device("cuda", 1)
+    assert (tmp_path / "gpu-6.lock").read_text() == f"{os.getpid()}\n"
+
+
+CLAIM = """
+import sys
+from hmnist.distributed import claim_gpus
+(name, _), = claim_gpus(1, ["0", "1"], poll=0.1)
+print(name, flush=True)
+sys.stdin.read()  # hold the GPU until the test closes stdin
+"""
+
+
+def test_concurrent_runs_spread_over_gpus_and_the_rest_wait(tmp_path):
+    env = stage_env(HMNIST_LOCK_DIR=str(tmp_path))
+    start = lambda: subprocess.Popen([sys.executable, "-c", CLAIM], env=env, text=True,  # noqa: E731
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runs = [start(), start()]
+    taken = [r.stdout.readline().strip() for r in runs]
+    assert sorted(taken) == ["0", "1"]
+    third = start()
+    assert "all GPUs are in use by other hmnist runs" in third.stderr.readline()
+    time.sleep(0.5)
+    assert third.poll() is None  # still waiting
+    runs[0].kill()  # a crash frees its GPU too: the kernel drops the lock with the process
+    runs[0].wait()
+    assert third.stdout.readline().strip() == taken[0]
+    for r in (runs[1], third):
+        r.stdin.close()
+        assert r.wait(timeout=30) == 0
