@@ -150,8 +150,10 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, resamples: int = 2000, seed: int =
     labels = a["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     rows = paired_bootstrap(labels, a[PROB_COLUMNS].to_numpy(float), b[PROB_COLUMNS].to_numpy(float),
                             a["lesion_id"].to_numpy(), resamples, seed)
-    for row in rows.values():
+    for name, row in rows.items():
         row["verdict"] = verdict(row["low"], row["high"])
+        # NaN (a metric undefined on these images, e.g. no AUC without negatives) is not JSON
+        rows[name] = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
     return {"images": len(a), "lesions": int(np.unique(a["lesion_id"]).size), "resamples": resamples,
             "seed": seed, "metrics": rows}
 
@@ -160,9 +162,13 @@ def format_table(result: dict, name_a: str, name_b: str) -> str:
     lines = [f"A = {name_a}, B = {name_b}: {result['images']} test images of {result['lesions']} lesions, "
              f"{result['resamples']} paired lesion resamples",
              f"{'metric':<22}{'A':>8}{'B':>8}{'B - A':>9}  {'95% interval':<20}  verdict"]
+    def number(value: float | None, sign: str = "") -> str:
+        return "n/a" if value is None else f"{value:{sign}.4f}"
+
     for name, r in result["metrics"].items():
-        interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
-        lines.append(f"{name:<22}{r['a']:>8.4f}{r['b']:>8.4f}{r['difference']:>+9.4f}  {interval:<20}  {r['verdict']}")
+        interval = f"[{number(r['low'], '+')}, {number(r['high'], '+')}]"
+        lines.append(f"{name:<22}{number(r['a']):>8}{number(r['b']):>8}{number(r['difference'], '+'):>9}  "
+                     f"{interval:<20}  {r['verdict']}")
     return "\n".join(lines)
 
 
