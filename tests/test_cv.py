@@ -1,13 +1,16 @@
 """Cross-validation end to end through DVC: cv.folds=3 on the synthetic archive."""
 import hashlib
 import json
+import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, run
+import hmnist
+from conftest import run
+from hmnist.cli import main as cli_main
 from hmnist.synthetic import image_folder
 
 pytestmark = pytest.mark.slow
@@ -22,7 +25,7 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_three_folds(project, tmp_path):
+def test_three_folds(project, tmp_path, capsys):
     run(["dvc", "repro", "split"], project)
     split_one_fold = digest(project / "data/split.csv")
 
@@ -52,32 +55,20 @@ def test_three_folds(project, tmp_path):
         assert (project / f"dvclive/fold{fold}/metrics.json").exists()
     assert (project / "dvclive/metrics.json").exists()  # fold 0's, beside the others
 
-    # cached per fold: nothing to do, and a lost checkpoint comes back from the cache, untrained
+    # cached per fold: nothing to do
     assert ran(run(["dvc", "repro"], project).stdout) == []
-    (project / "models/fold2.pt").unlink()
-    assert ran(run(["dvc", "repro"], project).stdout) == [] and (project / "models/fold2.pt").exists()
 
     # the ensemble on new images: hmnist predict with the three checkpoints gives predictions/test.csv
-    import zipfile
     test = pd.read_csv(project / "predictions/test.csv")
     images = tmp_path / "images"
     images.mkdir()
     with zipfile.ZipFile(project / "data/raw/skin-cancer-mnist-ham10000.zip") as archive:
         for image_id in test["image"]:
             (images / f"{image_id}.jpg").write_bytes(archive.read(f"{image_folder(image_id)}/{image_id}.jpg"))
-    checkpoints = [a for f in ("model", "fold1", "fold2") for a in ("--checkpoint", f"models/{f}.pt")]
-    result = run([str(BIN / "hmnist"), "predict", *checkpoints, str(images), "--out", "ensemble.csv",
-                  "--device", "cpu"], project)
-    assert "ensemble of 3" in result.stdout
-    ensemble = pd.read_csv(project / "ensemble.csv")
+    checkpoints = [a for f in ("model", "fold1", "fold2") for a in ("--checkpoint", str(project / f"models/{f}.pt"))]
+    cli_main(["predict", *checkpoints, str(images), "--out", str(tmp_path / "ensemble.csv"), "--device", "cpu"])
+    assert "ensemble of 3" in capsys.readouterr().out
+    ensemble = pd.read_csv(tmp_path / "ensemble.csv")
     np.testing.assert_allclose(ensemble[COLUMNS].to_numpy(), test[COLUMNS].to_numpy(), atol=1e-5)
-
-
-def test_folds_must_match(project):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["cv"]["folds"] = 5
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["dvc", "repro", "split"], project, check=False)
-    assert result.returncode != 0
-    assert ("error: params.yaml: cv.other_folds must be [1, 2, 3, 4] for cv.folds=5" in result.stderr
-            and "-S 'cv.other_folds=[1,2,3,4]'" in result.stderr), result.stderr
+    one = hmnist.load(project / "models/fold1.pt", device="cpu").predict(images)
+    assert np.abs(one[COLUMNS].to_numpy() - test[COLUMNS].to_numpy()).max() > 1e-3  # a fold alone is not the ensemble

@@ -260,5 +260,6 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> None:
           f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}, "
           f"{meta['train_images_per_second']:.0f} training images/s")
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])
