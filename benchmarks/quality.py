@@ -80,6 +80,8 @@ def data_stages(workdir: Path, params: dict, src: Path) -> Path:
     key = f"data-{params['prepare']['size']}-{params['split']['seed']}"
     project = workdir / key
     if (project / "data/split.csv").exists():
+        if not (project / "data/folds.csv").exists():  # made before the split stage wrote folds (train reads them)
+            run_stage("split", project, src, project / "log.txt")
         return project / "data"
     project.mkdir(parents=True, exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,12 +1,16 @@
-"""End to end through DVC on the synthetic archive: what a user runs, on a CPU."""
+"""End to end through DVC on the synthetic archive: what a user runs, on a CPU: repro, an
+experiment, metrics diff, hmnist compare, and sharing the experiment with a second clone
+through a git remote and a DVC remote (README, "Sharing experiments")."""
 import json
+import zipfile
 
 import pandas as pd
 import pytest
 import yaml
 from sklearn.metrics import balanced_accuracy_score
 
-from conftest import run
+from conftest import BIN, run
+from hmnist.synthetic import image_folder
 
 pytestmark = pytest.mark.slow
 STAGES = ("download", "prepare", "split", "train", "evaluate")
@@ -16,7 +20,7 @@ def ran(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 
-def test_repro_exp_and_diff(project):
+def test_repro_exp_diff_compare_and_share(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"] = "deit"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -31,12 +35,19 @@ def test_repro_exp_and_diff(project):
     test = split[split["split"] == "test"].sort_values("image_id")
     predictions = pd.read_csv(project / "predictions/test.csv")
     assert predictions["image"].tolist() == test["image_id"].tolist() == sorted(test["image_id"])
-    predicted = predictions.iloc[:, 1:].to_numpy().argmax(1)
+    predicted = predictions[["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]].to_numpy().argmax(1)
     actual = test["dx"].map({c: i for i, c in enumerate(("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"))})
     assert metrics["test_images"] == len(test)
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(actual, predicted))
     assert metrics["accuracy"] == pytest.approx((actual.to_numpy() == predicted).mean())
-    for path in ("plots/confusion_matrix.png", "plots/roc.png", "plots/training_curves.png"):
+    # every headline metric with its 95% interval, and the truth beside each prediction for `hmnist compare`
+    for name in ("balanced_accuracy", "accuracy", "macro_f1", "melanoma_sensitivity"):
+        assert metrics[f"{name}_low"] <= metrics[name] <= metrics[f"{name}_high"], name
+    assert metrics["balanced_accuracy_high"] - metrics["balanced_accuracy_low"] > 0.01
+    assert 0 <= metrics["ece"] <= 1
+    assert predictions["lesion_id"].tolist() == test["lesion_id"].tolist()
+    assert predictions["dx"].tolist() == test["dx"].tolist()
+    for path in ("plots/confusion_matrix.png", "plots/roc.png", "plots/reliability.png", "plots/training_curves.png"):
         assert (project / path).read_bytes().startswith(b"\x89PNG")
     assert split.groupby("lesion_id")["split"].nunique().max() == 1
     assert (project / "dvclive/plots/metrics/val/balanced_accuracy.tsv").exists()
@@ -50,8 +61,14 @@ def test_repro_exp_and_diff(project):
     (project / "params.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
     assert "up to date" in run(["dvc", "status"], project).stdout.lower()
 
+    # a git remote for the commits and experiment refs, a DVC remote (a folder) for the data
+    origin = tmp_path / "origin.git"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+    run(["git", "remote", "add", "origin", str(origin)], project)
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "deit baseline"], project)
+    run(["dvc", "push"], project)  # the baseline's outputs, before an experiment changes the workspace
     exp = run(["dvc", "exp", "run", "-S", "model=resnet9", "-n", "resnet9-exp"], project)
     assert ran(exp.stdout) == ["train", "evaluate"]
     resnet9 = json.loads((project / "metrics/metrics.json").read_text())
@@ -61,7 +78,8 @@ def test_repro_exp_and_diff(project):
 
     diff = run(["dvc", "metrics", "diff", "HEAD", "resnet9-exp", "--all", "--json"], project)  # --all: unchanged too
     rows = json.loads(diff.stdout)["metrics/metrics.json"]
-    for key in ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_sensitivity", "per_class.mel.recall"):
+    for key in ("accuracy", "balanced_accuracy", "balanced_accuracy_low", "balanced_accuracy_high", "ece",
+                "macro_auc", "melanoma_sensitivity", "per_class.mel.recall"):
         assert "old" in rows[key] and "new" in rows[key], key
     text = run(["dvc", "metrics", "diff", "HEAD", "resnet9-exp"], project).stdout
     assert "balanced_accuracy" in text
@@ -69,7 +87,65 @@ def test_repro_exp_and_diff(project):
     show = run(["dvc", "exp", "show", "--csv"], project).stdout
     assert "resnet9-exp" in show and "balanced_accuracy" in show
     plots = run(["dvc", "plots", "diff", "HEAD", "resnet9-exp", "--json"], project)
-    assert "plots/confusion.csv" in plots.stdout
+    assert "plots/confusion.csv" in plots.stdout and "plots/calibration.csv" in plots.stdout
+
+    compared = compare_experiments(project, tmp_path)
+    share_experiment(project, tmp_path, compared)
+
+
+def hmnist_compare(cwd, *args, check=True):
+    return run([str(BIN / "hmnist"), "compare", *args], cwd, check=check)
+
+
+def compare_experiments(project, tmp_path) -> dict:
+    """hmnist compare on the baseline and the experiment, and its errors."""
+    result = json.loads(hmnist_compare(project, "HEAD", "resnet9-exp", "--json").stdout)
+    assert result["images"] == len(pd.read_csv(project / "predictions/test.csv"))
+    assert result["a"] == "HEAD" and result["b"] == "resnet9-exp"
+    row = result["metrics"]["balanced_accuracy"]
+    baseline = json.loads(run(["git", "show", "HEAD:metrics/metrics.json"], project).stdout)
+    experiment = json.loads((project / "metrics/metrics.json").read_text())
+    assert row["a"] == pytest.approx(baseline["balanced_accuracy"])
+    assert row["b"] == pytest.approx(experiment["balanced_accuracy"])
+    assert row["low"] <= row["difference"] <= row["high"]
+    # `dvc exp run` leaves the experiment's outputs in the workspace: no difference at all
+    same = json.loads(hmnist_compare(project, "workspace", "resnet9-exp", "--json").stdout)["metrics"]["accuracy"]
+    assert same["difference"] == same["low"] == same["high"] == 0 and same["verdict"] == "no detectable difference"
+
+    missing = hmnist_compare(project, "HEAD", "no-such-exp", check=False)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: 'no-such-exp' is not an experiment, git revision, branch or predictions")
+    pd.read_csv(project / "predictions/test.csv").iloc[1:].to_csv(tmp_path / "fewer.csv", index=False)
+    mismatch = hmnist_compare(project, "resnet9-exp", str(tmp_path / "fewer.csv"), check=False)
+    assert mismatch.returncode == 2 and "are not on the same test images" in mismatch.stderr
+    return result
+
+
+def share_experiment(project, tmp_path, compared: dict) -> None:
+    """dvc exp push, then in a second clone dvc exp pull: metrics diff, compare and predict work there."""
+    run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], project)
+    run(["dvc", "exp", "push", "origin", "resnet9-exp"], project)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", "-b", "main", str(tmp_path / "origin.git"), str(clone)], tmp_path)
+    run(["dvc", "exp", "pull", "origin", "resnet9-exp"], clone)
+    assert "resnet9-exp" in run(["dvc", "exp", "list", "--name-only"], clone).stdout
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "resnet9-exp", "--json"], clone).stdout)
+    assert diff["metrics/metrics.json"]["balanced_accuracy"]["new"] == pytest.approx(
+        compared["metrics"]["balanced_accuracy"]["b"])
+    assert json.loads(hmnist_compare(clone, "HEAD", "resnet9-exp", "--json").stdout)["metrics"] == compared["metrics"]
+
+    run(["dvc", "exp", "apply", "resnet9-exp"], clone)  # the experiment's files, checkpoint included
+    predictions = pd.read_csv(clone / "predictions/test.csv")
+    images = tmp_path / "images"
+    images.mkdir()
+    with zipfile.ZipFile(project / "data/raw/skin-cancer-mnist-ham10000.zip") as archive:
+        for image_id in predictions["image"][:5]:
+            (images / f"{image_id}.jpg").write_bytes(archive.read(f"{image_folder(image_id)}/{image_id}.jpg"))
+    run([str(BIN / "hmnist"), "predict", "--checkpoint", "models/model.pt", str(images), "--out", "new.csv",
+         "--device", "cpu"], clone)
+    columns = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    pd.testing.assert_frame_equal(pd.read_csv(clone / "new.csv")[columns], predictions[columns][:5], atol=1e-5)
 
 
 def test_typo_fails_first_stage(project):

@@ -19,8 +19,12 @@ from hmnist import config as config_module
 
 PACKAGE = REPO / "src" / "hmnist"
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
-STAGES = {name: stage["cmd"].split("python -m hmnist.")[1].split()[0] for name, stage in DVC["stages"].items()}
-COMMANDS = {"predict", "bench", "cli"}
+# a foreach stage (train_fold: one per cross-validation fold) keeps its definition under `do`
+DEFS = {name: stage.get("do", stage) for name, stage in DVC["stages"].items()}
+STAGES = {name: stage["cmd"].split("python -m hmnist.")[1].split()[0] for name, stage in DEFS.items()}
+# the arguments each stage's command gives main(), for the run that records params
+ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage in DEFS.items()}
+COMMANDS = {"predict", "compare", "bench", "cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, __init__.py only the `hmnist.load` entry point.
 NOT_DEPS = {"errors", "__init__"}
@@ -73,7 +77,7 @@ def test_no_module_imports_a_stage_or_a_command(module):
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_code_deps_are_the_imported_modules(stage):
     module = STAGES[stage]
-    listed = {Path(d).stem for d in DVC["stages"][stage]["deps"] if d.startswith("src/")}
+    listed = {Path(d).stem for d in DEFS[stage]["deps"] if d.startswith("src/")}
     expected = {module} if stage in OWN_MODULE_ONLY else closure(module) - NOT_DEPS
     assert listed == expected, (f"dvc.yaml stage {stage}: code deps should be "
                                 f"{sorted(f'src/hmnist/{m}.py' for m in expected)}")
@@ -144,7 +148,7 @@ class TrackedDict:
 
 
 def listed_params(stage: str, params) -> list[str]:
-    return [p.replace("${model}", params.model) for p in DVC["stages"][stage].get("params", [])]
+    return [p.replace("${model}", params.model) for p in DEFS[stage].get("params", [])]
 
 
 def test_every_param_a_stage_reads_is_in_its_params(tmp_path, synthetic_zip, monkeypatch):
@@ -152,14 +156,15 @@ def test_every_param_a_stage_reads_is_in_its_params(tmp_path, synthetic_zip, mon
 
     raw = tiny_params(synthetic_zip)
     raw["models"]["resnet9"]["epochs"] = 1
+    raw["cv"] = {"folds": 2, "other_folds": [1]}  # so that train_fold@1 runs too
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    for stage in ("download", "prepare", "split", "train", "evaluate"):
+    for stage in ("download", "prepare", "split", "train", "train_fold", "evaluate"):
         module = importlib.import_module(f"hmnist.{STAGES[stage]}")
         seen: set[str] = set()
         real = config_module.load_params()
         monkeypatch.setattr(module, "load_params", lambda real=real, seen=seen: tracked(real, "", seen))
-        module.main()
+        module.main(*([ARGS[stage]] if ARGS[stage] else []))
         listed = listed_params(stage, real)
         unlisted = sorted(p for p in seen - NO_EFFECT_PARAMS
                           if not any(p == key or p.startswith(key + ".") for key in listed))

@@ -415,15 +415,16 @@ def test_cuda_without_a_gpu_names_the_setting():
 
 
 def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path, monkeypatch, capsys):
-    from hmnist.split import write_split
+    from hmnist.split import assign_folds, write_split
 
     raw = tiny_params(synthetic_zip)
     raw["models"]["resnet9"]["epochs"] = 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     prepare(synthetic_zip, tmp_path / "data/prepared", size=32, workers=1, progress=False)
     _, index = load_prepared(tmp_path / "data/prepared")
-    write_split(split_lesions(index.astype(str), parse_params(raw).split), tmp_path / "data/split.csv",
-                tmp_path / "metrics/split.json")
+    split = split_lesions(index.astype(str), parse_params(raw).split)
+    write_split(split, tmp_path / "data/split.csv", tmp_path / "metrics/split.json")
+    assign_folds(split, 1, seed=0).to_csv(tmp_path / "data/folds.csv", index=False)  # cv.folds 1: fold 0 is val
     monkeypatch.chdir(tmp_path)
     abandoned = tmp_path / "models/.resume/0123456789abcdef.pt"  # a run whose params then changed
     abandoned.parent.mkdir(parents=True)

@@ -9,7 +9,7 @@ Importing the package imports nothing heavy: torch and timm load on the first `l
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from hmnist.predict import Predictor
@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 __all__ = ["load"]
 
 
-def load(checkpoint: str | os.PathLike, device: str = "auto") -> Predictor:
-    """A trained checkpoint (from the train stage), ready to `.predict(paths)`."""
+def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto") -> Predictor:
+    """A trained checkpoint (from the train stage), ready to `.predict(paths)`; a list of
+    checkpoints (cross-validation folds) predicts their averaged probabilities."""
     from hmnist.predict import Predictor
 
     return Predictor(checkpoint, device)

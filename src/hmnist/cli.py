@@ -1,6 +1,7 @@
 """The `hmnist` command: one subcommand per task a user runs outside the DVC pipeline.
 
     hmnist predict --checkpoint models/model.pt PATH... [--out predictions.csv]
+    hmnist compare A B [--json]
 
 A subcommand is a module with `add_arguments(parser)` and `run(args)`, listed in SUBCOMMANDS;
 the same module's `main()` serves `python -m hmnist.<module>` with the same arguments.
@@ -16,6 +17,7 @@ from hmnist.errors import cli
 # functions, so building the parser, and `hmnist --help`, stays fast.
 SUBCOMMANDS = {
     "predict": ("hmnist.predict", "classify image files and write an ISIC 2018 submission CSV"),
+    "compare": ("hmnist.compare", "B - A per test metric, with a 95%% paired lesion-bootstrap interval"),
 }
 
 

@@ -101,6 +101,21 @@ class TrainConfig:
 class EvaluateConfig:
     batch_size: int = 256  # inference only: no activations kept for backward
     tta: str = "none"  # test-time augmentation: none, flips (4 views) or dihedral (8), as `hmnist predict --tta`
+    # lesion resamples for the 95% intervals (0: none): the percentile ends need a few thousand
+    # to settle; the whole bootstrap is vectorised, so 2,000 cost little (BENCHMARKS.md)
+    bootstrap: int = 2000
+    bootstrap_seed: int = 0  # same predictions, same intervals
+
+
+@dataclass(frozen=True)
+class CvConfig:
+    # 1: one train/val split (split.val). K >= 2: the non-test images are cut into K folds
+    # (whole lesions, stratified by class); fold k trains on the others and picks its epoch on
+    # fold k; evaluate reports each fold and their ensemble. The test split is the same for any K.
+    folds: int = 1
+    # [1, ..., K-1]: dvc.yaml makes one train_fold stage per entry (fold 0 is the train stage).
+    # DVC's foreach needs a list and cannot count to K, so this restates folds; they must agree.
+    other_folds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,7 @@ class Params:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cv: CvConfig = field(default_factory=CvConfig)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -161,6 +177,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, data[f.name], key)
+        elif typing.get_origin(tp) is list:
+            entries = data[f.name]
+            if not isinstance(entries, list):
+                raise UserError(f"{key} must be a list, got {entries!r}")
+            item_type = typing.get_args(tp)[0]
+            kwargs[f.name] = [_check_type(v, item_type, f"{key}[{i}]") for i, v in enumerate(entries)]
         elif typing.get_origin(tp) is dict:
             entries = data[f.name]
             if not isinstance(entries, dict) or not entries:
@@ -220,6 +242,14 @@ def _validate(p: Params) -> None:
     need(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {t.clip_grad}")
     need(t.clip_mode in CLIP_MODES, f"train.clip_mode must be one of {', '.join(CLIP_MODES)}, got {t.clip_mode!r}")
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be at least 1, got {p.evaluate.batch_size}")
+    need(p.evaluate.bootstrap == 0 or p.evaluate.bootstrap >= 100,
+         f"evaluate.bootstrap must be 0 (no intervals) or at least 100 resamples, got {p.evaluate.bootstrap}")
+    need(1 <= p.cv.folds <= 20, f"cv.folds must be between 1 and 20, got {p.cv.folds}")
+    others = list(range(1, p.cv.folds))
+    need(p.cv.other_folds == others,
+         f"cv.other_folds must be {others} for cv.folds={p.cv.folds} (one train_fold stage each; DVC cannot "
+         f"count to cv.folds by itself): dvc exp run -S cv.folds={p.cv.folds} "
+         f"-S 'cv.other_folds={str(others).replace(' ', '')}'")
     need(p.evaluate.tta in TTA, f"evaluate.tta must be one of {', '.join(TTA)}, got {p.evaluate.tta!r}")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -26,7 +26,10 @@ IMAGES_FILE, INDEX_FILE = "images.npy", "index.csv"
 # split -> train, evaluate
 SPLIT = Path("data/split.csv")
 SPLIT_STATS = Path("metrics/split.json")
-# train -> evaluate, predict
+# the non-test images' folds (image_id, lesion_id, dx, fold): fold k's model picks its epoch
+# on the images of fold k and trains on the others; -1 = train only (cv.folds 1: the train split)
+FOLDS = Path("data/folds.csv")
+# train -> evaluate, predict (fold 0; fold k >= 1 writes beside them, see fold_paths)
 CHECKPOINT = Path("models/model.pt")
 RESUME_DIR = Path("models/.resume")  # the state of an unfinished train run
 LIVE_DIR = Path("dvclive")
@@ -35,6 +38,23 @@ CURVES = Path("plots/training_curves.png")
 METRICS = Path("metrics/metrics.json")
 PLOTS = Path("plots")
 PREDICTIONS = Path("predictions/test.csv")
+
+
+class FoldPaths(NamedTuple):
+    checkpoint: Path
+    live: Path
+    curves: Path
+    resume: Path
+
+
+def fold_paths(fold: int) -> FoldPaths:
+    """Where fold `fold`'s train stage writes. Fold 0 is the train stage itself, at the paths of a
+    run without cross-validation; fold k >= 1 (stage train_fold@k) writes beside them."""
+    if fold == 0:
+        return FoldPaths(CHECKPOINT, LIVE_DIR, CURVES, RESUME_DIR)
+    return FoldPaths(CHECKPOINT.with_name(f"fold{fold}.pt"), LIVE_DIR / f"fold{fold}",
+                     CURVES.with_name(f"training_curves_fold{fold}.png"), RESUME_DIR / f"fold{fold}")
+
 
 # PIL's resize filters widen with the reduction, so bilinear is antialiased. After draft() the
 # reduction is mild; bilinear is as close to a full-size Lanczos reference as bicubic, and
@@ -98,3 +118,26 @@ def split_rows(index: pd.DataFrame, split: pd.DataFrame, name: str) -> np.ndarra
         raise UserError(f"{SPLIT} does not match {PREPARED / INDEX_FILE}: run `dvc repro split`")
     wanted = set(split.loc[split["split"] == name, "image_id"])
     return np.flatnonzero(index["image_id"].isin(wanted).to_numpy())
+
+
+def load_folds(path: str | Path = FOLDS) -> pd.DataFrame:
+    """data/folds.csv (image_id, lesion_id, dx, fold)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} not found: run `dvc repro split` first")
+    return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str, "dx": str, "fold": int})
+
+
+def fold_split(split: pd.DataFrame, folds: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """`split` as fold `fold` sees it: its fold's images are "val", the other non-test images
+    "train", the test images stay "test". With cv.folds 1 this is `split` itself."""
+    if set(folds["image_id"]) != set(split.loc[split["split"] != "test", "image_id"]):
+        raise UserError(f"{FOLDS} does not match {SPLIT}: run `dvc repro split`")
+    if fold not in set(folds["fold"]):
+        raise UserError(f"{FOLDS} has no fold {fold}: run `dvc repro split` (with cv.folds above {fold})")
+    fold_of = split["image_id"].map(dict(zip(folds["image_id"], folds["fold"])))
+    relabelled = split.copy()
+    relabelled["split"] = split["split"].where(split["split"] == "test", (fold_of == fold).map({True: "val", False: "train"}))
+    return relabelled

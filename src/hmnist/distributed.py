@@ -77,8 +77,8 @@ def in_worker() -> bool:
     return "LOCAL_RANK" in os.environ  # torchrun sets it in every worker
 
 
-def launch(module: str, processes: int, device: str) -> None:
-    """Run `python -m module` in `processes` workers through torchrun's engine on this machine
+def launch(module: str, processes: int, device: str, module_args: list[str] | tuple[str, ...] = ()) -> None:
+    """Run `python -m module *module_args` in `processes` workers through torchrun's engine on this machine
     and wait for them. A worker that fails ends every other one and becomes one UserError
     naming its rank (or KeyboardInterrupt after Ctrl-C)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -101,7 +101,7 @@ def launch(module: str, processes: int, device: str) -> None:
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
-    args = parse_args(["--standalone", f"--nproc-per-node={processes}", "--monitor-interval=0.1", "-m", module])
+    args = parse_args(["--standalone", f"--nproc-per-node={processes}", "--monitor-interval=0.1", "-m", module, *module_args])
     try:
         run(args)
     except SignalException as e:

@@ -1,6 +1,7 @@
 """Classify new images with a trained checkpoint; write an ISIC 2018 Task 3 submission file.
 
     hmnist predict --checkpoint models/model.pt PATH... [--out predictions.csv]
+    hmnist predict --checkpoint models/model.pt --checkpoint models/fold1.pt ... PATH...   (an ensemble)
     python -m hmnist.predict --checkpoint models/model.pt PATH...     (the same arguments)
 
 PATH is any mix of image files and folders; folders are searched recursively for JPEG and
@@ -100,35 +101,71 @@ def read_image(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
         return None, f"cannot decode it as an image: {reason}"
 
 
-class Predictor:
-    """A trained checkpoint ready to classify image files; made by `hmnist.load(path)`."""
+class _Member:
+    """One checkpoint of a Predictor: its model and preprocessing."""
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto"):
-        from hmnist.engine import inference_model, resolve_device
+    def __init__(self, path: Path, device: torch.device):
+        from hmnist.engine import inference_model
         from hmnist.models import load_checkpoint
 
-        self.device = resolve_device(device, setting="--device")  # before the checkpoint: fail fast
-        self.checkpoint_path = Path(checkpoint)
-        state = load_checkpoint(self.checkpoint_path)
+        self.path = path
+        state = load_checkpoint(path)
         try:
             self.classes = list(state["classes"])
             self.model_name, self.arch = str(state["model_name"]), str(state["arch"])
             self.input_size, self.prepare_size = int(state["input_size"]), int(state["prepare_size"])
-            self.model, self.model_input = inference_model(state, self.device)
+            self.model, self.model_input = inference_model(state, device)
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             # right format tag but missing fields or mismatched weights: damaged, or edited by hand
-            raise UserError(f"{self.checkpoint_path} is a damaged hmnist checkpoint: "
+            raise UserError(f"{path} is a damaged hmnist checkpoint: "
                             f"{type(e).__name__} {first_line(e, '')}".rstrip()) from None
         if tuple(self.classes) != CLASSES:
             # the submission's columns are ISIC 2018's classes in ISIC 2018's order
-            raise UserError(f"{self.checkpoint_path} predicts classes {', '.join(self.classes)}, "
+            raise UserError(f"{path} predicts classes {', '.join(self.classes)}, "
                             f"not the ISIC 2018 ones ({', '.join(CLASSES)})")
 
+
+class Predictor:
+    """Trained checkpoints ready to classify image files; made by `hmnist.load(path)`. Several
+    checkpoints (the folds of a cross-validation run) make an ensemble: their probabilities
+    are averaged, as the evaluate stage does."""
+
+    def __init__(self, checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto"):
+        from hmnist.engine import resolve_device
+
+        self.device = resolve_device(device, setting="--device")  # before the checkpoints: fail fast
+        paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+        if not paths:
+            raise UserError("no checkpoint given")
+        self.members = [_Member(Path(path), self.device) for path in paths]
+        first = self.members[0]
+        self.checkpoint_path, self.classes = first.path, first.classes
+        self.model_name, self.arch = first.model_name, first.arch
+        self.input_size, self.prepare_size = first.input_size, first.prepare_size
+        for member in self.members[1:]:
+            if member.prepare_size != self.prepare_size:
+                # one decode per image serves every member, as one prepared cache served evaluate
+                raise UserError(f"{member.path} reads {member.prepare_size}px images but {first.path} "
+                                f"{first.prepare_size}px: an ensemble's checkpoints must come from one cache size")
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The (first) checkpoint's model; replaceable, e.g. by a test's wrapper."""
+        return self.members[0].model
+
+    @model.setter
+    def model(self, value: torch.nn.Module) -> None:
+        self.members[0].model = value
+
+    @property
+    def model_input(self):
+        return self.members[0].model_input
+
     def __repr__(self) -> str:
-        return (f"Predictor({self.model_name}: {self.arch} at {self.input_size}px, "
-                f"from {self.checkpoint_path}, on {self.device})")
+        source = self.checkpoint_path if len(self.members) == 1 else f"{len(self.members)} checkpoints"
+        return f"Predictor({self.model_name}: {self.arch} at {self.input_size}px, from {source}, on {self.device})"
 
     def predict(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
                 tta: str = "none", skip_bad: bool = False, progress: bool | None = False) -> pd.DataFrame:
@@ -176,8 +213,8 @@ class Predictor:
                     skipped.append(str(path))
                 if good:
                     images = torch.from_numpy(np.stack([image for _, image in good]))
-                    probs.append(predict_probs(self.model, images, self.model_input, inference_batch, self.device,
-                                               tta=tta))
+                    probs.append(np.mean([predict_probs(m.model, images, m.model_input, inference_batch, self.device,
+                                                        tta=tta) for m in self.members], axis=0))
                     names += [path.stem for path, _ in good]
                 bar.update(len(batch))
         if not names:
@@ -225,7 +262,9 @@ def write_submission(frame: pd.DataFrame, out: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="image files and folders (searched recursively for .jpg, .jpeg, .png)")
-    parser.add_argument("--checkpoint", required=True, help="a model saved by the train stage, e.g. models/model.pt")
+    parser.add_argument("--checkpoint", required=True, action="append",
+                        help="a model saved by the train stage, e.g. models/model.pt; repeat it to average several "
+                             "(the folds of cv.folds: --checkpoint models/model.pt --checkpoint models/fold1.pt ...)")
     parser.add_argument("--out", default="predictions.csv",
                         help="the ISIC 2018 submission CSV to write; - for stdout (default: %(default)s)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: %(default)s)")
@@ -252,7 +291,8 @@ def run(args: argparse.Namespace) -> None:
         for path in skipped:
             print(f"  {path}", file=sys.stderr)
     where = "stdout" if args.out == "-" else args.out
-    print(f"{predictor.model_name} ({predictor.arch}) classified {len(frame)} image(s)"
+    ensemble = f", ensemble of {len(predictor.members)}" if len(predictor.members) > 1 else ""
+    print(f"{predictor.model_name} ({predictor.arch}{ensemble}) classified {len(frame)} image(s)"
           f"{'' if args.tta == 'none' else f' with TTA ({args.tta})'}: "
           f"wrote {where}", file=report)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from hmnist.config import CLASSES, SplitConfig, load_params
-from hmnist.data import INDEX_FILE, PREPARED, SPLIT, SPLIT_STATS
+from hmnist.data import FOLDS, INDEX_FILE, PREPARED, SPLIT, SPLIT_STATS
 from hmnist.errors import UserError, cli
 
 SPLITS = ("train", "val", "test")
@@ -57,6 +57,33 @@ def split_lesions(index: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     return out.sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
+def assign_folds(split: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
+    """The non-test images' folds (image_id, lesion_id, dx, fold), sorted by image_id.
+
+    folds 1: the val split is fold 0 and the train split is -1 (train only), so fold 0 is the
+    run without cross-validation. folds K >= 2: the train and val images are cut into K folds
+    of whole lesions, stratified by class like the split, and the test split is left as it is.
+    """
+    rest = split[split["split"] != "test"][["image_id", "lesion_id", "dx"]].copy()
+    if folds == 1:
+        rest["fold"] = np.where(split.loc[rest.index, "split"] == "val", 0, -1)
+        return rest.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    sizes = rest.groupby("lesion_id").size()
+    lesion_dx = rest.groupby("lesion_id")["dx"].first()
+    assignment: dict[str, int] = {}
+    for dx in CLASSES:
+        lesions = np.sort(lesion_dx.index[lesion_dx == dx].to_numpy())
+        lesions = lesions[rng.permutation(len(lesions))]
+        counts = np.zeros(folds, dtype=int)
+        for lesion in lesions:
+            fold = int(counts.argmin())  # the fold with the fewest images of this class so far
+            assignment[lesion] = fold
+            counts[fold] += sizes[lesion]
+    rest["fold"] = rest["lesion_id"].map(assignment).astype(int)
+    return rest.reset_index(drop=True)
+
+
 def split_stats(split: pd.DataFrame) -> dict:
     """Counts per split and per class, and each split's share of each class."""
     stats: dict = {}
@@ -89,8 +116,14 @@ def main() -> None:
     index = pd.read_csv(index_path, dtype=str)
     split = split_lesions(index, params.split)
     write_split(split, SPLIT, SPLIT_STATS)
+    # the split above does not depend on cv.folds: the test images are the same for any K
+    folds = assign_folds(split, params.cv.folds, params.split.seed)
+    folds.to_csv(FOLDS, index=False, lineterminator="\n")
     stats = split_stats(split)
     print(", ".join(f"{s}: {stats[s]['images']} images ({stats[s]['lesions']} lesions)" for s in SPLITS))
+    if params.cv.folds > 1:
+        print(f"{params.cv.folds} folds of the train and val images: "
+              f"{', '.join(str(n) for n in folds['fold'].value_counts().sort_index())} images")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from hmnist import distributed
 from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, Params, load_params
-from hmnist.data import CHECKPOINT, CURVES, LIVE_DIR, PREPARED, RESUME_DIR, load_prepared, load_split, split_rows
+from hmnist.data import PREPARED, fold_paths, fold_split, load_folds, load_prepared, load_split, split_rows
 from hmnist.engine import (BatchSize, SmoothedCrossEntropy, backward_batch, class_weights, deterministic,
                            epoch_batches, lr_lambda, param_groups, predict_probs, resolve_device, rng_state,
                            set_rng_state, to_device)
@@ -285,41 +285,49 @@ def remove_abandoned_states(folder: Path, keep: Path) -> list[Path]:
 
 
 @cli
-def main() -> None:
+def main(argv: list[str] | tuple[str, ...] = ()) -> None:
+    """`python -m hmnist.train [--fold K]`: fold 0 is the train stage, fold k >= 1 train_fold@k."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hmnist.train")
+    parser.add_argument("--fold", type=int, default=0, help="which cross-validation fold validates (default 0)")
+    fold = parser.parse_args(argv).fold
     params = load_params()
     processes = distributed.process_count(params.train.devices, params.train.device)
     if processes > 1 and not distributed.in_worker():
-        distributed.launch("hmnist.train", processes, params.train.device)  # torchrun runs this main() in each
+        # torchrun runs this main() in each worker, with the same fold
+        distributed.launch("hmnist.train", processes, params.train.device, [f"--fold={fold}"])
         return
     with distributed.worker(params.train.device) as ranks:
-        _main(params, ranks)
+        _main(params, fold, ranks)
 
 
-def _main(params: Params, ranks: distributed.Ranks) -> None:
+def _main(params: Params, fold: int, ranks: distributed.Ranks) -> None:
     from dvclive import Live
 
-    split = load_split()
+    split = fold_split(load_split(), load_folds(), fold)  # this fold's images are its val split
+    out = fold_paths(fold)
     images, index = load_prepared(PREPARED)
-    resume_path = RESUME_DIR / f"{resume_key(params, split, images.shape)}.pt"
+    resume_path = out.resume / f"{resume_key(params, split, images.shape)}.pt"
     if not ranks.main:  # only rank 0 writes; the others train and agree
         train(params, images, index, split, resume_path=resume_path)
         return
-    removed = remove_abandoned_states(RESUME_DIR, keep=resume_path)
+    removed = remove_abandoned_states(out.resume, keep=resume_path)
     if removed:
         print(f"removed {len(removed)} resume state(s) of earlier unfinished runs with other params: "
               f"{', '.join(p.name for p in removed)}", file=sys.stderr)
-    with Live(str(LIVE_DIR), dvcyaml=False, report=None, save_dvc_exp=False) as live:
-        model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=CURVES)
+    with Live(str(out.live), dvcyaml=False, report=None, save_dvc_exp=False) as live:
+        model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=out.curves)
         live.summary["best/epoch"] = meta["best_epoch"]
         live.summary["best/ema"] = int(meta["kept_weights"] == "ema")  # 1: the EMA weights were kept
         live.summary["best/val_balanced_accuracy"] = meta["val_balanced_accuracy"]
         live.summary["best/val_accuracy"] = meta["val_accuracy"]
-    save_checkpoint(CHECKPOINT, model, meta)
+    save_checkpoint(out.checkpoint, model, {**meta, "fold": fold})
     resume_path.unlink(missing_ok=True)  # finished: a re-run with these params starts afresh
-    print(f"saved {CHECKPOINT}: {params.model} best epoch {meta['best_epoch']} ({meta['kept_weights']} weights), "
+    print(f"saved {out.checkpoint}: {params.model} best epoch {meta['best_epoch']} ({meta['kept_weights']} weights), "
           f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}, "
           f"{meta['train_images_per_second']:.0f} training images/s")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,0 +1,74 @@
+"""Cross-validation end to end through DVC: cv.folds=3 on the synthetic archive."""
+import hashlib
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import hmnist
+from conftest import run
+from hmnist.cli import main as cli_main
+from hmnist.synthetic import image_folder
+
+pytestmark = pytest.mark.slow
+COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_three_folds(project, tmp_path, capsys):
+    run(["dvc", "repro", "split"], project)
+    split_one_fold = digest(project / "data/split.csv")
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["models"]["resnet9"]["epochs"] = 1
+    params["cv"] = {"folds": 3, "other_folds": [1, 2]}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # a run that stopped after fold 1 (a crash, Ctrl-C): the next run does not redo fold 1
+    assert ran(run(["dvc", "repro", "train_fold@1"], project).stdout) == ["split", "train_fold@1"]
+    assert ran(run(["dvc", "repro"], project).stdout) == ["train", "train_fold@2", "evaluate"]
+    assert digest(project / "data/split.csv") == split_one_fold  # the test split does not change with K
+
+    split = pd.read_csv(project / "data/split.csv")
+    folds = pd.read_csv(project / "data/folds.csv")
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    assert set(folds["image_id"]) == set(split.loc[split["split"] != "test", "image_id"])
+    assert folds.groupby("lesion_id")["fold"].nunique().max() == 1  # whole lesions
+
+    metrics = json.loads((project / "metrics/metrics.json").read_text())
+    assert metrics["ensemble_of"] == 3 and metrics["cv"]["folds"] == 3
+    assert metrics["cv"]["out_of_fold"]["images"] == len(folds)
+    for name in ("balanced_accuracy", "accuracy", "macro_f1", "melanoma_sensitivity"):
+        assert metrics[f"{name}_low"] <= metrics[name] <= metrics[f"{name}_high"], name
+        assert metrics["cv"][f"{name}_sd"] >= 0 and 0 <= metrics["cv"][f"{name}_mean"] <= 1
+    for fold in (1, 2):
+        assert (project / f"models/fold{fold}.pt").exists()
+        assert (project / f"dvclive/fold{fold}/metrics.json").exists()
+    assert (project / "dvclive/metrics.json").exists()  # fold 0's, beside the others
+
+    # cached per fold: nothing to do
+    assert ran(run(["dvc", "repro"], project).stdout) == []
+
+    # the ensemble on new images: hmnist predict with the three checkpoints gives predictions/test.csv
+    test = pd.read_csv(project / "predictions/test.csv")
+    images = tmp_path / "images"
+    images.mkdir()
+    with zipfile.ZipFile(project / "data/raw/skin-cancer-mnist-ham10000.zip") as archive:
+        for image_id in test["image"]:
+            (images / f"{image_id}.jpg").write_bytes(archive.read(f"{image_folder(image_id)}/{image_id}.jpg"))
+    checkpoints = [a for f in ("model", "fold1", "fold2") for a in ("--checkpoint", str(project / f"models/{f}.pt"))]
+    cli_main(["predict", *checkpoints, str(images), "--out", str(tmp_path / "ensemble.csv"), "--device", "cpu"])
+    assert "ensemble of 3" in capsys.readouterr().out
+    ensemble = pd.read_csv(tmp_path / "ensemble.csv")
+    np.testing.assert_allclose(ensemble[COLUMNS].to_numpy(), test[COLUMNS].to_numpy(), atol=1e-5)
+    one = hmnist.load(project / "models/fold1.pt", device="cpu").predict(images)
+    assert np.abs(one[COLUMNS].to_numpy() - test[COLUMNS].to_numpy()).max() > 1e-3  # a fold alone is not the ensemble
