@@ -25,8 +25,8 @@ YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent wit
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 DEVICES = ("auto", "cuda", "cpu")
 BALANCE = ("loss", "sampler", "none")
-TTA = ("none", "flips", "dihedral")
-CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
+TTA = ("none", "flips", "dihedral")  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
+CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,16 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when present (a GPU no other hmnist run holds), else CPU with a notice; cuda:K pins one
     devices: int | str = 1  # processes of one data-parallel run, one per GPU (or CPU processes); "all": every visible GPU
     seed: int = 0
-    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
+    warmup_epochs: float = 3.6  # linear warmup, then cosine decay to zero (3.6: 30% of 12 epochs, as OneCycle)
     balance: str = "loss"  # how class imbalance is handled: weighted loss, weighted sampler, or none
     # class weight = (1 / frequency) ** balance_power. 1.0 is plain inverse frequency, which lifts
     # balanced accuracy while wrecking plain accuracy; the square root keeps both.
     balance_power: float = 0.5
     label_smoothing: float = 0.1
     augment: bool = True  # flips, rotation, random resized crop, colour jitter, all on the device
-    crop_area_min: float = 0.35  # random resized crop keeps 35-100% of the image's area: the lesion stays in view
-    rotation: float = 180.0  # largest rotation either way, degrees: lesions have no "up"
-    color_jitter: float = 0.1  # brightness, contrast, saturation within +-10%: mild, colour is diagnostic
+    crop_area_min: float = 1.0  # random resized crop keeps this to 100% of the image's area; 1 = no crop
+    rotation: float = 0.0  # largest rotation either way, degrees (180: any; lesions have no "up")
+    color_jitter: float = 0.0  # brightness, contrast, saturation within +- this
     # Mixup / CutMix (timm): Beta(alpha, alpha) mixing ratio, 0 = off; with both on, each batch
     # uses one of them at random. mixup_prob: the share of batches mixed
     mixup: float = 0.0
@@ -90,8 +90,8 @@ class TrainConfig:
     # the raw weights; the kept checkpoint is the better of the two. 0 = off, else the decay's
     # ceiling: it warms up as 1 - (1 + step) ** -2/3, so short runs average over fewer steps
     ema_decay: float = 0.0
-    clip_grad: float = 0.0  # gradient clipping threshold, 0 = off
-    clip_mode: str = "norm"  # norm (total gradient norm), value (each element), agc (adaptive, per unit)
+    clip_grad: float = 0.1  # gradient clipping threshold, 0 = off
+    clip_mode: str = "value"  # norm (total gradient norm), value (each element), agc (adaptive, per unit)
     compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
     # deterministic kernels only: identical GPU runs, at some speed; CPU runs are identical anyway
     deterministic: bool = False
