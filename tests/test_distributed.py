@@ -25,7 +25,7 @@ from hmnist.distributed import Ranks
 from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights
 from hmnist.errors import UserError
 from hmnist.prepare import prepare
-from hmnist.split import split_lesions, write_split
+from hmnist.split import assign_folds, split_lesions, write_split
 from hmnist.train import train
 
 
@@ -180,8 +180,9 @@ def stage_dir(tmp_path, synthetic_zip) -> Path:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     prepare(synthetic_zip, tmp_path / "data/prepared", size=32, workers=1, progress=False)
     _, index = load_prepared(tmp_path / "data/prepared")
-    write_split(split_lesions(index.astype(str), parse_params(raw).split), tmp_path / "data/split.csv",
-                tmp_path / "metrics/split.json")
+    split = split_lesions(index.astype(str), parse_params(raw).split)
+    write_split(split, tmp_path / "data/split.csv", tmp_path / "metrics/split.json")
+    assign_folds(split, 1, seed=0).to_csv(tmp_path / "data/folds.csv", index=False)  # as the split stage writes
     return tmp_path
 
 
