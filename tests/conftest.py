@@ -87,3 +87,18 @@ class LimitedGpu(nn.Module):
         if len(x) > (self.max_batch if self.training else self.max_eval_batch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.inner(x)
+
+
+def prepared_split(folder: Path, archive: Path):
+    """An archive prepared at 32 px into `folder` and split as the split stage does with
+    tiny_params: (images, index, split)."""
+    import numpy as np
+
+    from hmnist.config import parse_params
+    from hmnist.data import load_prepared
+    from hmnist.prepare import prepare
+    from hmnist.split import split_lesions
+
+    prepare(archive, folder, size=32, workers=1, progress=False)
+    images, index = load_prepared(folder)
+    return np.asarray(images), index, split_lesions(index.astype(str), parse_params(tiny_params(archive)).split)

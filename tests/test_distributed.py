@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import yaml
 
-from conftest import BIN, run, tiny_params
+from conftest import BIN, prepared_split, run, tiny_params
 from hmnist import distributed
 from hmnist.config import parse_params
 from hmnist.data import load_prepared
@@ -40,13 +40,10 @@ def small_params(synthetic_zip, model: str, **settings):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, synthetic_zip):
-    folder = tmp_path_factory.mktemp("prepared")
-    prepare(synthetic_zip, folder, size=32, workers=1, progress=False)
-    images, index = load_prepared(folder)
-    split = split_lesions(index.astype(str), parse_params(tiny_params(synthetic_zip)).split)
+    images, index, split = prepared_split(tmp_path_factory.mktemp("prepared"), synthetic_zip)
     # 45 training images: 3 steps of 15 an epoch are enough to tell, and float64 is slow
     split.loc[split.index[split["split"] == "train"][45:], "split"] = "unused"
-    return np.asarray(images), index, split
+    return images, index, split
 
 
 def _train_in_ranks(rank, world, init, jobs, data, out):

@@ -1,16 +1,14 @@
-import copy
 import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 import yaml
 
-from conftest import LimitedGpu, tiny_params
+from conftest import LimitedGpu, prepared_split, tiny_params
 from hmnist.config import ModelConfig, parse_params
 from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
 from hmnist.data import load_prepared, split_rows
@@ -25,11 +23,7 @@ from hmnist.train import train
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, synthetic_zip):
-    folder = tmp_path_factory.mktemp("prepared")
-    prepare(synthetic_zip, folder, size=32, workers=1, progress=False)
-    images, index = load_prepared(folder)
-    split = split_lesions(index.astype(str), parse_params(tiny_params(synthetic_zip)).split)
-    return np.asarray(images), index, split
+    return prepared_split(tmp_path_factory.mktemp("prepared"), synthetic_zip)
 
 
 def params_for(synthetic_zip, **model):
