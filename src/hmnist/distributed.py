@@ -101,7 +101,8 @@ def launch(module: str, processes: int, device: str, module_args: list[str] | tu
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
-    args = parse_args(["--standalone", f"--nproc-per-node={processes}", "--monitor-interval=0.1", "-m", module, *module_args])
+    args = parse_args(["--standalone", f"--nproc-per-node={processes}", "--monitor-interval=0.1",
+                       "-m", module, *module_args])
     try:
         run(args)
     except SignalException as e:
