@@ -45,8 +45,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def budget(params: dict, archive: Path, size: int, epochs: int, seed: int) -> dict:
-    """The CPU budget of the issue: ResNet9 from scratch, `size` px cache and input, `epochs` epochs."""
+def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overrides: dict[str, Any]) -> dict:
+    """The CPU budget of the issue (ResNet9 from scratch, `size` px cache and input, `epochs`
+    epochs), then a configuration's `overrides` (dotted keys)."""
     params = copy.deepcopy(params)
     params["data"]["source"] = str(archive)
     params["prepare"]["size"] = size
@@ -54,6 +55,8 @@ def budget(params: dict, archive: Path, size: int, epochs: int, seed: int) -> di
     params["train"]["device"] = "cpu"
     params["train"]["seed"] = seed
     params["models"]["resnet9"].update(resize=size, epochs=epochs, pretrained=False)
+    for key, value in overrides.items():
+        set_key(params, key, value)
     return params
 
 
@@ -173,7 +176,7 @@ def notebook_data(size: int, archive: Path, data: Path):
 
 
 def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
-    """The notebook's loop; returns the model and the loop's seconds."""
+    """The notebook's loop; returns the model, the loop's seconds and its images per second."""
     import timm
     import torch
     import torch.nn as nn
@@ -202,7 +205,8 @@ def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
             nn.utils.clip_grad_value_(model.parameters(), 0.1)
             optimizer.step()
             schedule.step()
-    return model, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return model, seconds, steps * batch * epochs / seconds
 
 
 def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -> dict:
@@ -211,12 +215,11 @@ def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -
 
     from hmnist.metrics import compute_metrics
     x_train, y_train, x_test, y_test, weights = notebook_data(size, archive, data)
-    model, seconds = notebook_train(x_train, y_train, weights, seed, epochs)
+    model, seconds, speed = notebook_train(x_train, y_train, weights, seed, epochs)
     model.eval()
     with torch.no_grad():
         probs = torch.cat([model(x_test[i:i + 256]).softmax(1) for i in range(0, len(x_test), 256)]).numpy()
     metrics = compute_metrics(y_test.numpy(), probs)  # the evaluate stage's definitions
-    speed = (len(x_train) // 128) * 128 * epochs / seconds
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
             "macro_auc": metrics["macro_auc"], "val_balanced_accuracy": None, "best_epoch": epochs, "train_seconds": seconds,
             "train_images_per_second": speed, "loop_images_per_second": speed}
@@ -241,8 +244,8 @@ def speed_rounds(params: dict, rounds: int, epochs: int, archive: Path, data: Pa
     results = []
     for r in range(rounds):
         _, meta = train(parse_params(params), images, index, split)
-        _, seconds = notebook_train(x_train, y_train, weights, r, epochs)
-        results.append((meta["train_images_per_second"], (len(x_train) // 128) * 128 * epochs / seconds))
+        _, _, speed = notebook_train(x_train, y_train, weights, r, epochs)
+        results.append((meta["train_images_per_second"], speed))
         print(f"round {r + 1}: stage {results[-1][0]:.1f} img/s, notebook {results[-1][1]:.1f} img/s",
               file=sys.stderr, flush=True)
     return results
@@ -323,9 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.speed:
             name = args.configs.split(",")[0]
-            params = budget(base, args.archive.resolve(), args.size, args.epochs, 0)
-            for key, value in configs[name].items():
-                set_key(params, key, value)
+            params = budget(base, args.archive.resolve(), args.size, args.epochs, 0, configs[name])
             data = data_stages(args.workdir, params, args.src.resolve())
             pairs = speed_rounds(params, args.speed, 2, args.archive, data)
             stage, notebook = ([p[i] for p in pairs] for i in (0, 1))
@@ -343,9 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                 if any(r["config"] == label and r["seed"] == seed and r["size"] == args.size
                        and r["epochs"] == args.epochs for r in done):
                     continue
-                params = budget(base, args.archive.resolve(), args.size, args.epochs, seed)
-                for key, value in configs[name].items():
-                    set_key(params, key, value)
+                params = budget(base, args.archive.resolve(), args.size, args.epochs, seed, configs[name])
                 data = data_stages(args.workdir, params, args.src.resolve())
                 print(f"== {label} seed {seed}", file=sys.stderr, flush=True)
                 if name == "notebook":
