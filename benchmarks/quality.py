@@ -132,8 +132,13 @@ def collect(project: Path, data: Path, params: dict, train_seconds: float | None
     meta = torch.load(project / "models/model.pt", map_location="cpu", weights_only=True)  # the checkpoint's metadata
     epochs = params["models"]["resnet9"]["epochs"]
     speed = _split_count(data, "train") * epochs / train_seconds if train_seconds else None
+    curve = project / "dvclive/plots/metrics/val/balanced_accuracy.tsv"
+    val_curve = [float(line.split("\t")[1]) for line in curve.read_text().splitlines()[1:]]
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
-            "macro_auc": metrics["macro_auc"], "val_balanced_accuracy": live["best/val_balanced_accuracy"],
+            "macro_auc": metrics["macro_auc"], "melanoma_sensitivity": metrics["melanoma_sensitivity"],
+            "val_balanced_accuracy": live["best/val_balanced_accuracy"],
+            # the raw weights' validation balanced accuracy, epoch by epoch
+            "val_curve": val_curve,
             "best_epoch": live["best/epoch"], "kept_weights": meta.get("kept_weights", "raw"),
             "train_seconds": train_seconds, "train_images_per_second": speed,
             # the training loop alone (median epoch), as the notebook row's figure: no start-up, no validation
@@ -221,32 +226,36 @@ def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -
         probs = torch.cat([model(x_test[i:i + 256]).softmax(1) for i in range(0, len(x_test), 256)]).numpy()
     metrics = compute_metrics(y_test.numpy(), probs)  # the evaluate stage's definitions
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
-            "macro_auc": metrics["macro_auc"], "val_balanced_accuracy": None, "best_epoch": epochs, "train_seconds": seconds,
+            "macro_auc": metrics["macro_auc"], "melanoma_sensitivity": metrics["melanoma_sensitivity"],
+            "val_balanced_accuracy": None, "best_epoch": epochs, "train_seconds": seconds,
             "train_images_per_second": speed, "loop_images_per_second": speed}
 
 
-def speed_rounds(params: dict, rounds: int, epochs: int, archive: Path, data: Path) -> list[tuple[float, float]]:
-    """Training speed of the stage's loop and the notebook's, in the same process, alternating
-    `rounds` times (whatever else the machine runs slows both alike): (stage, notebook) images
-    per second of the training loop, `epochs` epochs each. The stage's figure is its median
-    epoch, without validation; the notebook's, its whole loop."""
+def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Path, data: Path
+                 ) -> dict[str, list[float]]:
+    """Training speed of each configuration's stage loop and of the notebook's, in the same
+    process, taking turns `rounds` times (whatever else the machine runs slows all alike):
+    images per second of the training loop, `epochs` epochs each, per round. A stage's figure
+    is its median epoch, without validation; the notebook's, its whole loop."""
     import numpy as np
 
     from hmnist.config import parse_params
     from hmnist.data import load_prepared, load_split
     from hmnist.train import train
 
-    params = copy.deepcopy(params)
-    params["models"]["resnet9"]["epochs"] = epochs
+    first = next(iter(configs.values()))
     images, index = load_prepared(data / "prepared")
     images, split = np.asarray(images), load_split(data / "split.csv")
-    x_train, y_train, _, _, weights = notebook_data(params["prepare"]["size"], archive, data)
-    results = []
+    x_train, y_train, _, _, weights = notebook_data(first["prepare"]["size"], archive, data)
+    results: dict[str, list[float]] = {name: [] for name in [*configs, "notebook"]}
     for r in range(rounds):
-        _, meta = train(parse_params(params), images, index, split)
-        _, _, speed = notebook_train(x_train, y_train, weights, r, epochs)
-        results.append((meta["train_images_per_second"], speed))
-        print(f"round {r + 1}: stage {results[-1][0]:.1f} img/s, notebook {results[-1][1]:.1f} img/s",
+        for name, params in configs.items():
+            params = copy.deepcopy(params)
+            params["models"]["resnet9"]["epochs"] = epochs
+            _, meta = train(parse_params(params), images, index, split)
+            results[name].append(meta["train_images_per_second"])
+        results["notebook"].append(notebook_train(x_train, y_train, weights, r, epochs)[2])
+        print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.1f} img/s" for name, v in results.items()),
               file=sys.stderr, flush=True)
     return results
 
@@ -291,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead of training: evaluate the finished runs of --configs again with evaluate.tta "
                              "set to this (rows named CONFIG+tta-MODE)")
     parser.add_argument("--speed", type=int, metavar="ROUNDS", default=0,
-                        help="instead of quality runs: the training speed of the (first) configuration's stage loop "
-                             "and of the notebook's, alternating ROUNDS times in one process, 2 epochs each")
+                        help="instead of quality runs: the training speed of each configuration's stage loop "
+                             "and of the notebook's, taking turns ROUNDS times in one process")
+    parser.add_argument("--speed-epochs", type=int, default=2, help="epochs of each loop per --speed round")
     args = parser.parse_args(argv)
 
     configs = {name: dict(overrides) for name, overrides in CONFIGS.items()}
@@ -325,16 +335,16 @@ def main(argv: list[str] | None = None) -> None:
             print(table([r for r in done if r["size"] == args.size and r["epochs"] == args.epochs]))
             return
         if args.speed:
-            name = args.configs.split(",")[0]
-            params = budget(base, args.archive.resolve(), args.size, args.epochs, 0, configs[name])
-            data = data_stages(args.workdir, params, args.src.resolve())
-            pairs = speed_rounds(params, args.speed, 2, args.archive, data)
-            stage, notebook = ([p[i] for p in pairs] for i in (0, 1))
-            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
-            print(f"| {name + args.tag} stage loop | {statistics.mean(stage):.1f} ± {sd(stage):.1f} img/s |\n"
-                  f"| notebook loop | {statistics.mean(notebook):.1f} ± {sd(notebook):.1f} img/s |\n"
-                  f"| ratio stage / notebook, per round | "
-                  f"{', '.join(f'{a / b:.2f}' for a, b in pairs)} |")
+            runs = {name + args.tag: budget(base, args.archive.resolve(), args.size, args.epochs, 0, configs[name])
+                    for name in args.configs.split(",")}
+            data = data_stages(args.workdir, next(iter(runs.values())), args.src.resolve())
+            speeds = speed_rounds(runs, args.speed, args.speed_epochs, args.archive, data)
+            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+            print("| loop | img/s per round | mean ± sd | / notebook, per round |\n|---|--:|--:|--:|")
+            for name, values in speeds.items():
+                ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(values, speeds["notebook"]))
+                print(f"| {name} | {', '.join(f'{v:.1f}' for v in values)} | "
+                      f"{statistics.mean(values):.1f} ± {sd(values):.1f} | {ratios} |")
             return
         for name in args.configs.split(","):
             if name not in configs:

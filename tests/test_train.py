@@ -102,6 +102,26 @@ def test_crop_keeps_the_cache_detail():
     assert small.min() >= 0 and small.max() <= 255
 
 
+@pytest.mark.parametrize("cache", [32, 56])
+def test_flips_only_take_the_direct_path_and_equal_the_resampling(cache):
+    """With no crop, rotation or jitter the affine resampling is an exact copy of each flipped
+    image: ModelInput flips directly, and gets what the resampling gets, draw for draw."""
+    images = torch.randint(0, 256, (16, cache, cache, 3), dtype=torch.uint8)
+    model_input = ModelInput(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), torch.device("cpu"))
+    fast = Augment(torch.Generator().manual_seed(3), (1.0, 1.0), 0.0, 0.0)
+    slow = Augment(torch.Generator().manual_seed(3), (1.0, 1.0), 0.0, 0.0)
+    assert fast.flips_only and not Augment(torch.Generator(), (0.9, 1.0), 0.0, 0.0).flips_only
+    slow.flips_only = False  # force the general path
+    draws = fast.draw(16)
+    flipped = (draws[:, 3] < 0.5) | (draws[:, 4] < 0.5)
+    assert 0 < flipped.sum() < 16
+    got, expected = model_input(images, fast, draws), model_input(images, slow, draws)
+    assert got.shape == (16, 3, 32, 32)
+    assert torch.allclose(got, expected, atol=1e-3)
+    plain = model_input(images)
+    assert not torch.allclose(got[flipped], plain[flipped]) and torch.equal(got[~flipped], plain[~flipped])
+
+
 def test_affine_grid_equals_torch():
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, [5, 3, 12, 20], align_corners=False)
@@ -512,6 +532,52 @@ def test_ema_is_validated_and_the_better_weights_are_kept(data, synthetic_zip, t
     assert all(torch.equal(saved[f"module.{k}"], v) for k, v in calls[-1].items())
     history = torch.load(state, weights_only=True)["history"]["epochs"]
     assert "val_ema/balanced_accuracy" in history[0] and "val/balanced_accuracy" in history[0]
+
+
+SCORES = [0.1, 0.9, 0.2, 0.7, 0.7, 0.3]  # best: epoch 2; 3-epoch mean: epoch 3 (0.6); last: 6
+
+
+@pytest.mark.parametrize("select, kept", [("last", 6), ("best", 2), ("smoothed", 3)])
+def test_select_keeps_the_chosen_epochs_weights(data, synthetic_zip, tmp_path, monkeypatch, select, kept):
+    """The checkpoint holds the weights validated at the epoch train.select picks, also after an
+    interrupted run resumes (smoothed keeps the previous epoch's weights across the stop)."""
+    images, index, split = data
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"].update(epochs=len(SCORES))
+    raw["train"]["select"] = select
+    params = parse_params(raw)
+    real_evaluate, calls = train_module.evaluate_split, []
+
+    def scripted(model, *args):
+        scores = real_evaluate(model, *args)
+        calls.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        scores["balanced_accuracy"] = SCORES[(len(calls) - 1) % len(SCORES)]
+        return scores
+
+    monkeypatch.setattr(train_module, "evaluate_split", scripted)
+    model, meta = train(params, images, index, split)
+    assert meta["best_epoch"] == kept and meta["val_balanced_accuracy"] == SCORES[kept - 1]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in calls[kept - 1].items())
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in calls[kept % len(SCORES)].items())
+
+    # stopped during epoch 4's validation, then resumed
+    expected, stopped = list(calls), []
+    calls.clear()
+    state = tmp_path / "state.pt"
+
+    def stop_at_fourth(model, *args):
+        if len(calls) == 3 and not stopped:
+            stopped.append(True)
+            raise KeyboardInterrupt
+        return scripted(model, *args)
+
+    monkeypatch.setattr(train_module, "evaluate_split", stop_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        train(params, images, index, split, resume_path=state)
+    assert len(calls) == 3
+    model, again = train(params, images, index, split, resume_path=state)
+    assert again["best_epoch"] == kept
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected[kept - 1].items())
 
 
 def test_raw_weights_kept_when_they_validate_better(data, synthetic_zip):

@@ -59,8 +59,11 @@ class ModelInput:
                  ) -> torch.Tensor:
         """`draws`: the augmentation's random numbers for these images (`Augment.draw`), when
         drawn for a larger batch than this one (a data-parallel rank's share); else drawn here."""
-        if augment is None:
+        if augment is None or augment.flips_only:
             x = self.resize(batch)
+            if augment is not None:  # the whole affine resampling would be an exact copy: flip instead
+                u = augment.draw(x.shape[0]) if draws is None else draws
+                x = flip(flip(x, u[:, 3] < 0.5, 3), u[:, 4] < 0.5, 2)
             x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
         else:
             # The crop is sampled straight from the cache at the model's size, one resampling,
@@ -78,6 +81,11 @@ class ModelInput:
             x = colour_affine(x, matrix / self.std[:, None], (offset - self.mean) / self.std, self.low, self.high,
                               self.memory_format)
         return x.contiguous(memory_format=self.memory_format)
+
+
+def flip(x: torch.Tensor, which: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with the images `which` selects (a bool per image) flipped along `dim`."""
+    return torch.where(which.view(-1, *([1] * (x.dim() - 1))), x.flip(dim), x)
 
 
 def colour_affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, low: torch.Tensor,
@@ -131,6 +139,8 @@ class Augment:
         `rotation`: largest angle either way, in degrees (180: any, lesions have no "up");
         `jitter`: brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]."""
         self.generator, self.crop_area = generator, crop_area
+        # no crop, rotation or colour change: only the flips act (ModelInput then flips directly)
+        self.flips_only = crop_area[0] >= 1 and rotation == 0 and jitter == 0
         device = generator.device
         angle = math.radians(rotation)
         # one column per random quantity: (low, high) of its uniform draw

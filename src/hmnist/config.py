@@ -27,6 +27,7 @@ DEVICES = ("auto", "cuda", "cpu")
 BALANCE = ("loss", "sampler", "none")
 TTA = ("none", "flips", "dihedral")  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
 CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)
+SELECT = ("last", "best", "smoothed")  # which epoch's weights the train stage keeps (train.select)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ class TrainConfig:
     # the raw weights; the kept checkpoint is the better of the two. 0 = off, else the decay's
     # ceiling: it warms up as 1 - (1 + step) ** -2/3, so short runs average over fewer steps
     ema_decay: float = 0.0
+    # which epoch the checkpoint keeps: last (the schedule's end; validation then measures it
+    # without having chosen it), best (highest validation balanced accuracy: on a few hundred
+    # images that chases noise and flatters itself) or smoothed (highest mean over the epoch and
+    # its two neighbours). With EMA on, each epoch's better of raw and EMA weights is the candidate
+    select: str = "last"
     clip_grad: float = 0.1  # gradient clipping threshold, 0 = off
     clip_mode: str = "value"  # norm (total gradient norm), value (each element), agc (adaptive, per unit)
     compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
@@ -239,6 +245,7 @@ def _validate(p: Params) -> None:
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0 (a Beta alpha; 0 = off), got {getattr(t, name)}")
     need(0 <= t.mixup_prob <= 1, f"train.mixup_prob must be between 0 and 1, got {t.mixup_prob}")
     need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
+    need(t.select in SELECT, f"train.select must be one of {', '.join(SELECT)}, got {t.select!r}")
     need(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {t.clip_grad}")
     need(t.clip_mode in CLIP_MODES, f"train.clip_mode must be one of {', '.join(CLIP_MODES)}, got {t.clip_mode!r}")
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be at least 1, got {p.evaluate.batch_size}")

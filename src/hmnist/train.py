@@ -1,12 +1,13 @@
-"""Stage `train`: fit `models.${model}` on the train split, keep the best validation epoch.
+"""Stage `train`: fit `models.${model}` on the train split, keep the epoch `train.select` picks.
 
 AdamW with linear warmup and cosine decay, augmentation on the device (and Mixup/CutMix when
 set), class imbalance handled by a weighted loss or sampler, label smoothing, optionally an
-EMA of the weights: each epoch both the raw and the EMA weights are validated and the kept
-checkpoint is the best of either. After every epoch the full training state is saved under
-models/.resume/, so an interrupted run continues where it stopped. With `train.devices`
-above 1, the stage starts one process per device through torchrun (hmnist.distributed);
-each trains on its share of every batch, and rank 0 alone writes.
+EMA of the weights: each epoch both the raw and the EMA weights are validated and the better
+is that epoch's candidate. The checkpoint keeps the last epoch's (default), the best one's, or
+the best by a 3-epoch mean of the validation score (`train.select`). After every epoch the
+full training state is saved under models/.resume/, so an interrupted run continues where it
+stopped. With `train.devices` above 1, the stage starts one process per device through
+torchrun (hmnist.distributed); each trains on its share of every batch, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ class History:
     best_epoch: int = -1
     best_score: float = -1.0
     best_weights: str = "raw"  # or "ema": which of the epoch's two weight sets was kept
+    # per epoch: the validation balanced accuracy of its candidate (the better of its raw and
+    # EMA weights) and which weights those are
+    scores: list[float] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+def smoothed(scores: list[float], j: int) -> float:
+    """Epoch j's score averaged with its neighbours' (one side only at either end)."""
+    window = scores[max(0, j - 1):j + 2]
+    return sum(window) / len(window)
 
 
 def evaluate_split(model, images, labels, model_input, batch_size, device) -> dict[str, float]:
@@ -111,7 +122,7 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
 
-    history, best_state, start_epoch, accum = History(), None, 0, 1
+    history, best_state, pending_state, start_epoch, accum = History(), None, None, 0, 1
     state = None
     if resume_path is not None and resume_path.exists() and ranks.main:
         state = torch.load(resume_path, map_location="cpu", weights_only=True)  # loading copies to the device
@@ -125,7 +136,8 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         rng = state["rng"]  # one per rank when several (their dropout draws differ)
         set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng, generator)
         history = History(**state["history"])
-        best_state, start_epoch, accum = state["best_state"], state["epoch"] + 1, state["accum"]
+        best_state, pending_state = state["best_state"], state["pending_state"]
+        start_epoch, accum = state["epoch"] + 1, state["accum"]
         if ranks.main:
             print(f"resuming after epoch {start_epoch} of {config.epochs} from {resume_path}", file=sys.stderr)
         if live is not None:
@@ -196,9 +208,23 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
                 print(f"epoch {epoch + 1}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
                       f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
                       f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
-            if val["balanced_accuracy"] > history.best_score:
-                history.best_score, history.best_epoch, history.best_weights = val["balanced_accuracy"], epoch + 1, name
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in candidates[name].state_dict().items()}
+        # the epoch's candidate: the better of its raw and EMA weights (raw on a tie)
+        name = max(vals, key=lambda n: vals[n]["balanced_accuracy"])
+        history.scores.append(vals[name]["balanced_accuracy"])
+        history.names.append(name)
+        current = {k: v.detach().to("cpu", copy=True) for k, v in candidates[name].state_dict().items()}
+        now, last = epoch, epoch + 1 == config.epochs
+        if tc.select == "smoothed":  # an epoch's score is known once the next one is validated
+            options = [(now - 1, pending_state)] if now > 0 else []
+            options += [(now, current)] if last else []
+            pending_state = current
+        else:
+            options = [(now, current)]
+        for j, weights in options:
+            score = smoothed(history.scores, j) if tc.select == "smoothed" else history.scores[j]
+            if tc.select == "last" or score > history.best_score:
+                history.best_score, history.best_epoch, history.best_weights = score, j + 1, history.names[j]
+                best_state = weights
         if live is not None:
             _log(live, record)
         rng = distributed.gather(rng_state(generator)) if ranks.world > 1 else rng_state(generator)
@@ -206,7 +232,8 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
             resume_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "rng": rng,
-                        "history": asdict(history), "best_state": best_state, "epoch": epoch, "accum": accum,
+                        "history": asdict(history), "best_state": best_state, "pending_state": pending_state,
+                        "epoch": epoch, "accum": accum,
                         "ema": ema.state_dict() if ema is not None else None},
                        resume_path.with_suffix(".tmp"))
             resume_path.with_suffix(".tmp").replace(resume_path)
@@ -324,7 +351,8 @@ def _main(params: Params, fold: int, ranks: distributed.Ranks) -> None:
         live.summary["best/val_accuracy"] = meta["val_accuracy"]
     save_checkpoint(out.checkpoint, model, {**meta, "fold": fold})
     resume_path.unlink(missing_ok=True)  # finished: a re-run with these params starts afresh
-    print(f"saved {out.checkpoint}: {params.model} best epoch {meta['best_epoch']} ({meta['kept_weights']} weights), "
+    print(f"saved {out.checkpoint}: {params.model} kept epoch {meta['best_epoch']} ({meta['kept_weights']} weights, "
+          f"select {params.train.select}), "
           f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}, "
           f"{meta['train_images_per_second']:.0f} training images/s")
 
