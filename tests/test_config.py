@@ -95,3 +95,30 @@ def test_exponent_without_a_dot_is_a_float():
     params["models"]["deit"]["batch_size"] = "4e3"
     with pytest.raises(UserError, match="batch_size must be int"):
         parse_params(params)
+
+
+def test_every_param_is_documented_in_the_readme():
+    """Each key of params.yaml has a row in README's Parameters table (models.<name>.KEY for
+    the per-model settings), with the default the file has for the scalar ones outside models."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Parameters"):]
+    table = table[:table.index("\n## ", 1)]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip().strip("`")
+            for line in table.splitlines() if line.startswith("| `")}
+
+    def keys(data: dict, prefix: str = ""):
+        for key, value in data.items():
+            if isinstance(value, dict):
+                yield from keys(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    raw = real()
+    missing = []
+    for key, value in keys(raw):
+        name = "models.<name>." + key.split(".", 2)[2] if key.startswith("models.") else key
+        if name not in rows:
+            missing.append(name)
+        elif not key.startswith("models.") and not isinstance(value, list):
+            assert rows[name] == str(value).lower() or yaml.safe_load(rows[name]) == value, (name, rows[name], value)
+    assert not missing, f"params without a README row: {sorted(set(missing))}"
