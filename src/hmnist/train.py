@@ -74,7 +74,7 @@ def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]
 def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame,
           resume_path: Path | None = None, live: Any = None,
           curves: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the selected model; returns the best-epoch model and checkpoint metadata."""
+    """Train the selected model; returns the model of the epoch `train.select` kept and checkpoint metadata."""
     with deterministic(params.train.deterministic):
         return _train(params, images, index, split, resume_path, live, curves)
 
@@ -213,13 +213,12 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         history.scores.append(vals[name]["balanced_accuracy"])
         history.names.append(name)
         current = {k: v.detach().to("cpu", copy=True) for k, v in candidates[name].state_dict().items()}
-        now, last = epoch, epoch + 1 == config.epochs
         if tc.select == "smoothed":  # an epoch's score is known once the next one is validated
-            options = [(now - 1, pending_state)] if now > 0 else []
-            options += [(now, current)] if last else []
+            options = [(epoch - 1, pending_state)] if epoch > 0 else []
+            options += [(epoch, current)] if epoch + 1 == config.epochs else []
             pending_state = current
         else:
-            options = [(now, current)]
+            options = [(epoch, current)]
         for j, weights in options:
             score = smoothed(history.scores, j) if tc.select == "smoothed" else history.scores[j]
             if tc.select == "last" or score > history.best_score:
