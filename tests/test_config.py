@@ -16,7 +16,7 @@ def real() -> dict:
 def test_repo_params_parse():
     params = load_params(REPO / "params.yaml")
     assert params.model in params.models
-    assert set(params.models) == {"deit", "swin", "resnet9"}
+    assert set(params.models) == {"deit", "swin", "resnet9", "lite0"}
     assert params.models["deit"].arch == "deit_tiny_patch16_224"
     assert (params.models["deit"].resize, params.models["deit"].batch_size) == (224, 128)
     assert (params.models["swin"].resize, params.models["swin"].batch_size) == (224, 64)

