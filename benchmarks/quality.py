@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --archive ~/ham-real.zip --configs today,notebook --seeds 0,1,2
     python benchmarks/quality.py --archive ~/ham-real.zip --configs default --seeds 0 --src /tmp/old/src
+    python benchmarks/quality.py --archive ~/ham-real.zip --budget lite0 --configs today,notebook --seeds 0,1,2
 
 Each configuration is a set of params.yaml overrides, run as a user runs it: the stage commands
 `python -m hmnist.train` and `python -m hmnist.evaluate` in a throwaway project whose data/ is
@@ -10,7 +11,12 @@ shared by every run (download, prepare and split run once per archive, cache siz
 stages meet only through files, so any version's stages work here. The `notebook` configuration
 is the peer: a plain training loop written here, as the Kaggle notebooks write it (PIL resize,
 flips only, class-weighted label-smoothed cross-entropy, OneCycle to 4e-3, fp32, last epoch
-kept), on the same split's images.
+kept), on the same split's images. With `--budget lite0` the runs fine-tune the ImageNet-pretrained
+EfficientNet-Lite0 at 128 px for 8 epochs instead, and `notebook` is the plain fine-tuning loop
+(`notebook_finetune`): PIL resize, flips, AdamW with OneCycle to 3e-4, weight decay 0.01, batch 32,
+torch's class-weighted label-smoothed cross-entropy, fp32, last epoch, flip TTA. Its `notebook.*`
+overrides switch one of its differences from the stage to the stage's way (NOTEBOOK_KNOBS), so
+each difference can be measured alone.
 
 Results go to WORKDIR/results.jsonl one line per run as it finishes, so an interrupted
 benchmark keeps what it measured and a rerun skips the runs already there; the table (mean +- sd
@@ -43,20 +49,37 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "today": {},
     "notebook": {},  # the plain loop below, not the stages
 }
+# CPU budgets: the model, its cache and input size, epochs; fine-tuning or from scratch
+BUDGETS = {"resnet9": {"size": 32, "epochs": 12, "pretrained": False},
+           "lite0": {"size": 128, "epochs": 8, "pretrained": True}}
+# the fine-tuning notebook's differences from the stage, each switchable to the stage's way
+# with a `notebook.<knob>` override: its value here first, the stage's second
+NOTEBOOK_KNOBS = {
+    "input": ("pil", "cache"),         # PIL bicubic resize of the full JPEG, or the prepared cache
+    "schedule": ("onecycle", "stage"),  # OneCycle (10% warmup), or linear warmup (train.warmup_epochs) + cosine
+    "loss": ("torch", "stage"),        # nn.CrossEntropyLoss(weight, label_smoothing), or engine.SmoothedCrossEntropy
+    "clip": (0.0, 0.1),                # gradient value clipping
+    "groups": ("all", "timm"),         # weight decay on every tensor, or not on biases and norms
+    "tta": ("flips", "none"),          # test-time flips
+    "channels_last": (False, True),    # memory layout (speed only: same arithmetic)
+}
 
 
-def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overrides: dict[str, Any]) -> dict:
-    """The CPU budget of the issue (ResNet9 from scratch, `size` px cache and input, `epochs`
-    epochs), then a configuration's `overrides` (dotted keys)."""
+def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overrides: dict[str, Any],
+           model: str = "resnet9") -> dict:
+    """A CPU budget (`model`, from scratch or pretrained as BUDGETS says, `size` px cache and
+    input, `epochs` epochs), then a configuration's `overrides` (dotted keys; `notebook.*`
+    ones are the notebook loop's, not params)."""
     params = copy.deepcopy(params)
     params["data"]["source"] = str(archive)
     params["prepare"]["size"] = size
-    params["model"] = "resnet9"
+    params["model"] = model
     params["train"]["device"] = "cpu"
     params["train"]["seed"] = seed
-    params["models"]["resnet9"].update(resize=size, epochs=epochs, pretrained=False)
+    params["models"][model].update(resize=size, epochs=epochs, pretrained=BUDGETS[model]["pretrained"])
     for key, value in overrides.items():
-        set_key(params, key, value)
+        if not key.startswith("notebook."):
+            set_key(params, key, value)
     return params
 
 
@@ -130,7 +153,7 @@ def collect(project: Path, data: Path, params: dict, train_seconds: float | None
     metrics = json.loads((project / "metrics/metrics.json").read_text())
     live = json.loads((project / "dvclive/metrics.json").read_text())
     meta = torch.load(project / "models/model.pt", map_location="cpu", weights_only=True)  # the checkpoint's metadata
-    epochs = params["models"]["resnet9"]["epochs"]
+    epochs = params["models"][params["model"]]["epochs"]
     speed = _split_count(data, "train") * epochs / train_seconds if train_seconds else None
     curve = project / "dvclive/plots/metrics/val/balanced_accuracy.tsv"
     val_curve = [float(line.split("\t")[1]) for line in curve.read_text().splitlines()[1:]]
@@ -214,16 +237,121 @@ def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
     return model, seconds, steps * batch * epochs / seconds
 
 
-def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -> dict:
+def finetune_data(size: int, archive: Path, data: Path, knobs: dict[str, Any]):
+    """The fine-tuning notebook's tensors: images PIL-resized (bicubic, Pillow's default) from
+    the full JPEG, or read from the prepared cache (`input: cache`), normalised as the model's
+    pretrained cfg says (timm's data config: mean = std = 0.5 for EfficientNet-Lite); class
+    weights (1/frequency)^0.5 with mean sample weight 1."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from hmnist.config import CLASSES as classes
+    split = pd.read_csv(data / "split.csv", dtype=str)
+    if knobs["input"] == "cache":
+        from hmnist.data import load_prepared
+        images, index = load_prepared(data / "prepared")
+        row = {image_id: i for i, image_id in enumerate(index["image_id"])}
+        pixels = {image_id: images[row[image_id]] for image_id in split["image_id"]}
+    else:
+        pixels = {}
+        with zipfile.ZipFile(archive) as z:
+            names = {Path(n).stem: n for n in z.namelist() if n.startswith("HAM10000_images_part_") and n.endswith(".jpg")}
+            for image_id in split["image_id"]:
+                with Image.open(io.BytesIO(z.read(names[image_id]))) as image:
+                    pixels[image_id] = np.asarray(image.convert("RGB").resize((size, size)))
+
+    def tensors(name: str):
+        part = split[split["split"] == name]
+        x = torch.from_numpy(np.stack([pixels[i] for i in part["image_id"]])).permute(0, 3, 1, 2).float() / 255
+        return (x - 0.5) / 0.5, torch.tensor([classes.index(d) for d in part["dx"]])
+
+    (x_train, y_train), (x_test, y_test) = tensors("train"), tensors("test")
+    counts = torch.bincount(y_train, minlength=len(classes)).float()
+    weights = (counts.sum() / counts.clamp(min=1)) ** 0.5
+    return x_train, y_train, x_test, y_test, weights / weights[y_train].mean()
+
+
+def notebook_finetune(x_train, y_train, weights, seed: int, epochs: int, knobs: dict[str, Any]):
+    """The plain fine-tuning loop; returns the model, the loop's seconds and its images per
+    second. `knobs` (NOTEBOOK_KNOBS) switch its differences from the stage one at a time."""
+    import torch
+    import torch.nn as nn
+
+    from hmnist.config import ModelConfig
+    from hmnist.engine import SmoothedCrossEntropy, lr_lambda, param_groups
+    from hmnist.models import create_model
+    torch.manual_seed(seed)
+    model = create_model(ModelConfig(arch="tf_efficientnet_lite0", resize=x_train.shape[-1], pretrained=True))
+    fmt = torch.channels_last if knobs["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    batch, lr = 32, 3e-4
+    steps = len(x_train) // batch
+    groups = param_groups(model, lr, 0.01) if knobs["groups"] == "timm" else model.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+    if knobs["schedule"] == "onecycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
+                                                       pct_start=0.1)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(round(3.6 * steps), epochs * steps))
+    if knobs["loss"] == "torch":
+        criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
+    else:
+        smoothed = SmoothedCrossEntropy(weights, 0.1)
+        criterion = lambda logits, y: smoothed(logits, y).sum() / weights[y].sum()  # noqa: E731
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_train))
+        for i in range(steps):
+            rows = order[i * batch:(i + 1) * batch]
+            x = x_train[rows]
+            flip_h, flip_v = torch.rand(len(x)) < 0.5, torch.rand(len(x)) < 0.5
+            x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
+            x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+            loss = criterion(model(x.contiguous(memory_format=fmt)), y_train[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            if knobs["clip"]:
+                nn.utils.clip_grad_value_(model.parameters(), knobs["clip"])
+            optimizer.step()
+            schedule.step()
+    seconds = time.perf_counter() - started
+    return model, seconds, steps * batch * epochs / seconds
+
+
+def notebook_knobs(overrides: dict[str, Any]) -> dict[str, Any]:
+    knobs = {name: values[0] for name, values in NOTEBOOK_KNOBS.items()}
+    for key, value in overrides.items():
+        if key.startswith("notebook."):
+            name = key.removeprefix("notebook.")
+            if name not in NOTEBOOK_KNOBS:
+                raise SystemExit(f"unknown notebook knob {name!r}: {', '.join(NOTEBOOK_KNOBS)}")
+            knobs[name] = value
+    return knobs
+
+
+def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path, model: str = "resnet9",
+                 overrides: dict[str, Any] | None = None) -> dict:
     """The peer: a plain loop as the Kaggle notebooks write it, on the same split's images."""
     import torch
 
+    from hmnist.engine import tta_views
     from hmnist.metrics import compute_metrics
-    x_train, y_train, x_test, y_test, weights = notebook_data(size, archive, data)
-    model, seconds, speed = notebook_train(x_train, y_train, weights, seed, epochs)
+    if model == "lite0":
+        knobs = notebook_knobs(overrides or {})
+        x_train, y_train, x_test, y_test, weights = finetune_data(size, archive, data, knobs)
+        model, seconds, speed = notebook_finetune(x_train, y_train, weights, seed, epochs, knobs)
+        tta = "flips" if knobs["tta"] == "flips" else "none"
+    else:
+        x_train, y_train, x_test, y_test, weights = notebook_data(size, archive, data)
+        model, seconds, speed = notebook_train(x_train, y_train, weights, seed, epochs)
+        tta = "none"
     model.eval()
     with torch.no_grad():
-        probs = torch.cat([model(x_test[i:i + 256]).softmax(1) for i in range(0, len(x_test), 256)]).numpy()
+        probs = torch.cat([torch.stack([model(v).softmax(1) for v in tta_views(x_test[i:i + 256], tta)]).mean(0)
+                           for i in range(0, len(x_test), 256)]).numpy()
     metrics = compute_metrics(y_test.numpy(), probs)  # the evaluate stage's definitions
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
             "macro_auc": metrics["macro_auc"], "melanoma_sensitivity": metrics["melanoma_sensitivity"],
@@ -244,17 +372,24 @@ def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Pa
     from hmnist.train import train
 
     first = next(iter(configs.values()))
+    model = first["model"]
     images, index = load_prepared(data / "prepared")
     images, split = np.asarray(images), load_split(data / "split.csv")
-    x_train, y_train, _, _, weights = notebook_data(first["prepare"]["size"], archive, data)
+    if model == "lite0":
+        knobs = notebook_knobs({})
+        x_train, y_train, _, _, weights = finetune_data(first["prepare"]["size"], archive, data, knobs)
+        loop = lambda r: notebook_finetune(x_train, y_train, weights, r, epochs, knobs)  # noqa: E731
+    else:
+        x_train, y_train, _, _, weights = notebook_data(first["prepare"]["size"], archive, data)
+        loop = lambda r: notebook_train(x_train, y_train, weights, r, epochs)  # noqa: E731
     results: dict[str, list[float]] = {name: [] for name in [*configs, "notebook"]}
     for r in range(rounds):
         for name, params in configs.items():
             params = copy.deepcopy(params)
-            params["models"]["resnet9"]["epochs"] = epochs
+            params["models"][model]["epochs"] = epochs
             _, meta = train(parse_params(params), images, index, split)
             results[name].append(meta["train_images_per_second"])
-        results["notebook"].append(notebook_train(x_train, y_train, weights, r, epochs)[2])
+        results["notebook"].append(loop(r)[2])
         print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.1f} img/s" for name, v in results.items()),
               file=sys.stderr, flush=True)
     return results
@@ -289,8 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
                         help="define or extend a configuration with a params override (YAML value), repeatable")
     parser.add_argument("--seeds", default="0,1,2", help="train.seed values (the split stays the same)")
-    parser.add_argument("--size", type=int, default=32, help="prepare.size and the model's resize")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--budget", choices=BUDGETS, default="resnet9",
+                        help="resnet9: from scratch at 32 px, 12 epochs; lite0: ImageNet-pretrained at 128 px, 8 epochs")
+    parser.add_argument("--size", type=int, help="prepare.size and the model's resize (default: the budget's)")
+    parser.add_argument("--epochs", type=int, help="(default: the budget's)")
     parser.add_argument("--src", type=Path, default=REPO / "src", help="the hmnist source tree to run")
     parser.add_argument("--params", type=Path, help="base params.yaml (default: the one beside --src)")
     parser.add_argument("--workdir", type=Path, default=Path.home() / "hmnist-quality")
@@ -304,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
                              "and of the notebook's, taking turns ROUNDS times in one process")
     parser.add_argument("--speed-epochs", type=int, default=2, help="epochs of each loop per --speed round")
     args = parser.parse_args(argv)
+    args.size = args.size or BUDGETS[args.budget]["size"]
+    args.epochs = args.epochs or BUDGETS[args.budget]["epochs"]
+
+    def same_budget(r: dict) -> bool:  # results from before budgets had one: ResNet9's
+        return r.get("model", "resnet9") == args.budget and r["size"] == args.size and r["epochs"] == args.epochs
 
     configs = {name: dict(overrides) for name, overrides in CONFIGS.items()}
     for item in args.set:
@@ -320,22 +462,23 @@ def main(argv: list[str] | None = None) -> None:
                                 capture_output=True, text=True).stdout.strip()
         if args.tta:
             for name in args.configs.split(","):
-                for run in [r for r in done if r["config"] == name + args.tag and r["size"] == args.size
-                            and r["epochs"] == args.epochs]:
+                for run in [r for r in done if r["config"] == name + args.tag and same_budget(r)]:
                     label = f"{run['config']}+tta-{args.tta}"
                     if any(r["config"] == label and r["seed"] == run["seed"] for r in done):
                         continue
                     result = tta_run(args.workdir, run, args.tta, args.src.resolve())
-                    result.update(config=label, seed=run["seed"], size=args.size, epochs=args.epochs, commit=commit,
+                    result.update(config=label, seed=run["seed"], model=args.budget, size=args.size,
+                                  epochs=args.epochs, commit=commit,
                                   overrides={**run.get("overrides", {}), "evaluate.tta": args.tta},
                                   date=time.strftime("%Y-%m-%d"))
                     done.append(result)
                     with open(results_file, "a") as f:
                         f.write(json.dumps(result) + "\n")
-            print(table([r for r in done if r["size"] == args.size and r["epochs"] == args.epochs]))
+            print(table([r for r in done if same_budget(r)]))
             return
         if args.speed:
-            runs = {name + args.tag: budget(base, args.archive.resolve(), args.size, args.epochs, 0, configs[name])
+            runs = {name + args.tag: budget(base, args.archive.resolve(), args.size, args.epochs, 0, configs[name],
+                                            args.budget)
                     for name in args.configs.split(",")}
             data = data_stages(args.workdir, next(iter(runs.values())), args.src.resolve())
             speeds = speed_rounds(runs, args.speed, args.speed_epochs, args.archive, data)
@@ -351,23 +494,23 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"unknown configuration {name!r}: {', '.join(configs)} (or define it with --set)")
             for seed in (int(s) for s in args.seeds.split(",")):
                 label = name + args.tag
-                if any(r["config"] == label and r["seed"] == seed and r["size"] == args.size
-                       and r["epochs"] == args.epochs for r in done):
+                if any(r["config"] == label and r["seed"] == seed and same_budget(r) for r in done):
                     continue
-                params = budget(base, args.archive.resolve(), args.size, args.epochs, seed, configs[name])
+                params = budget(base, args.archive.resolve(), args.size, args.epochs, seed, configs[name], args.budget)
                 data = data_stages(args.workdir, params, args.src.resolve())
                 print(f"== {label} seed {seed}", file=sys.stderr, flush=True)
-                if name == "notebook":
-                    result = notebook_run(seed, args.size, args.epochs, args.archive, data)
+                if name == "notebook" or name.startswith("notebook-"):  # the peer, and its variants
+                    result = notebook_run(seed, args.size, args.epochs, args.archive, data, args.budget, configs[name])
                 else:
                     result = stage_run(args.workdir, label, seed, params, data, args.src.resolve())
-                result.update(config=label, seed=seed, size=args.size, epochs=args.epochs, commit=commit,
+                result.update(config=label, seed=seed, model=args.budget, size=args.size, epochs=args.epochs,
+                              commit=commit,
                               overrides=configs[name], date=time.strftime("%Y-%m-%d"))
                 done.append(result)
                 with open(results_file, "a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(json.dumps(result), file=sys.stderr, flush=True)
-    print(table([r for r in done if r["size"] == args.size and r["epochs"] == args.epochs]))
+    print(table([r for r in done if same_budget(r)]))
 
 
 if __name__ == "__main__":
