@@ -301,9 +301,9 @@ def notebook_finetune(x_train, y_train, weights, seed: int, epochs: int, knobs: 
         smoothed = SmoothedCrossEntropy(weights, 0.1)
         criterion = lambda logits, y: smoothed(logits, y).sum() / weights[y].sum()  # noqa: E731
     started = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(x_train))
+        order, losses = torch.randperm(len(x_train)), []
         for i in range(steps):
             rows = order[i * batch:(i + 1) * batch]
             x = x_train[rows]
@@ -317,6 +317,9 @@ def notebook_finetune(x_train, y_train, weights, seed: int, epochs: int, knobs: 
                 nn.utils.clip_grad_value_(model.parameters(), knobs["clip"])
             optimizer.step()
             schedule.step()
+            losses.append(loss.item())
+        print(f"notebook epoch {epoch + 1}/{epochs}: train loss {sum(losses) / len(losses):.4f}, "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
     return model, seconds, steps * batch * epochs / seconds
 

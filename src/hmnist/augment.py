@@ -19,26 +19,37 @@ CROP_RATIO = (3 / 4, 4 / 3)
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale; sums to 1
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last feeds the GPU's tensor cores without transposes; on the CPU it is slower."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+# Architectures (timm names, by prefix) whose CPU training step is faster in channels_last:
+# the convolutional ones measured by benchmarks/memory_format.py (BENCHMARKS.md, "Memory layout
+# on the CPU"). A transformer's only convolution is its patch embedding: it gains nothing.
+CPU_CHANNELS_LAST = ("resnet9", "efficientnet", "tf_efficientnet")
+
+
+def memory_format(device: torch.device, arch: str | None = None) -> torch.memory_format:
+    """channels_last on the GPU (it feeds the tensor cores without transposes), and on the CPU
+    for the architectures it was measured faster for; the default layout otherwise."""
+    if device.type == "cuda" or (arch is not None and arch.startswith(CPU_CHANNELS_LAST)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class ModelInput:
     """uint8 NHWC cache batch -> the model's input: float NCHW at the model's size, augmented
-    when given an `Augment`, normalised, channels_last on the GPU.
+    when given an `Augment`, normalised, in the model's memory layout (`memory_format`).
 
     With an `Augment`, the colour jitter and the normalisation are one per-sample affine map of
     the three channels (three multiply-adds and a clamp), not a dozen full-size passes.
     """
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                 arch: str | None = None):
+        """`arch`: the model's, for its memory layout (`memory_format`)."""
         self.size = size
         self.mean = torch.tensor(mean, device=device) * 255
         self.std = torch.tensor(std, device=device) * 255
         # the clamp to 0..255 that colour jitter needs, in normalised units
         self.low, self.high = -self.mean / self.std, (255 - self.mean) / self.std
-        self.memory_format = memory_format(device)
+        self.memory_format = memory_format(device, arch)
 
     def resize(self, batch: torch.Tensor) -> torch.Tensor:
         """Float NCHW at the model's size, as evaluation sees it."""

@@ -119,7 +119,7 @@ def _model(config: ModelConfig, device: torch.device, compile: bool, channels_la
     torch.manual_seed(0)
     model = create_model(config, pretrained=False).to(device)
     if channels_last:
-        model = model.to(memory_format=memory_format(device))
+        model = model.to(memory_format=memory_format(device, config.arch))
     return model, (torch.compile(model) if compile else model)
 
 
@@ -129,7 +129,7 @@ def model_way(config: ModelConfig, device: torch.device, compile: bool) -> Step:
     optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay), lr=config.lr,
                                   fused=device.type == "cuda")
     x = torch.randn(config.batch_size, 3, config.resize, config.resize, device=device)
-    x = x.contiguous(memory_format=memory_format(device))
+    x = x.contiguous(memory_format=memory_format(device, config.arch))
     y = torch.randint(0, len(CLASSES), (config.batch_size,), device=device)
     criterion = nn.CrossEntropyLoss()
 
@@ -149,7 +149,7 @@ def _cache(config: ModelConfig, device: torch.device, n_images: int, size: int, 
     images = to_device(rng.integers(0, 256, (n_images, size, size, 3), dtype=np.uint8), device)
     labels = rng.choice(len(CLASSES), n_images, p=[0.11, 0.67, 0.05, 0.03, 0.11, 0.01, 0.02])
     norm = data_config(model)
-    model_input = ModelInput(config.resize, norm["mean"], norm["std"], device)
+    model_input = ModelInput(config.resize, norm["mean"], norm["std"], device, config.arch)
     generator = torch.Generator(device=device).manual_seed(1)
     augment = Augment(generator)
     batches = iter(())

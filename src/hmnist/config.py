@@ -24,7 +24,7 @@ YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent wit
 # lower case in the `dx` column.
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 DEVICES = ("auto", "cuda", "cpu")
-BALANCE = ("loss", "sampler", "none")
+BALANCE = ("loss", "sample_loss", "sampler", "none")
 TTA = ("none", "flips", "dihedral")  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
 CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)
 SELECT = ("last", "best", "smoothed")  # which epoch's weights the train stage keeps (train.select)
@@ -65,6 +65,9 @@ class ModelConfig:
     # layer-wise learning-rate decay: each layer's lr is lr * layer_decay ** (layers above it), so
     # pretrained early layers move less; 1 = off. Models without timm's layer grouping ignore it
     layer_decay: float = 1.0
+    # this model's linear warmup in epochs, instead of train.warmup_epochs (null: that one). A
+    # pretrained network wants a short one: its features need no long ramp (BENCHMARKS.md)
+    warmup_epochs: float | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,8 @@ def _validate(p: Params) -> None:
         need(m.weight_decay >= 0, f"{where}.weight_decay must be >= 0, got {m.weight_decay}")
         need(0 <= m.drop_path_rate < 1, f"{where}.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
         need(0 < m.layer_decay <= 1, f"{where}.layer_decay must be in (0, 1] (1 = off), got {m.layer_decay}")
+        need(m.warmup_epochs is None or m.warmup_epochs >= 0,
+             f"{where}.warmup_epochs must be >= 0 or null (train.warmup_epochs), got {m.warmup_epochs}")
     t = p.train
     need(t.device in DEVICES or re.fullmatch(r"cuda:\d+", t.device) is not None,
          f"train.device must be one of {', '.join(DEVICES)} or cuda:K, got {t.device!r}")

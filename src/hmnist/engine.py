@@ -16,6 +16,7 @@ from typing import Any, ContextManager, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hmnist.augment import ModelInput, memory_format
 from hmnist.config import CLASSES, TTA
@@ -127,34 +128,40 @@ def class_weights(labels: np.ndarray, power: float) -> torch.Tensor:
 
 
 class SmoothedCrossEntropy(nn.Module):
-    """Per-sample cross-entropy against label-smoothed targets, each sample weighted by its own
-    class's weight: w[y] * sum_c q_c * -log p_c, with q = (1 - s) one_hot(y) + s / K.
+    """Per-sample cross-entropy against label-smoothed targets q = (1 - s) t + s / K (t: the
+    one-hot label, or Mixup/CutMix's row of class proportions), class-weighted one of two ways:
 
-    Not nn.CrossEntropyLoss(weight=w, label_smoothing=s): that weights the smoothing term of
-    every class c by w[c], so the loss of a confident sample is minimised at a different
-    probability for each class (much more smoothing on a frequent class than on a rare one),
-    which skews every probability the model outputs. Here the minimiser is p = q for every class.
+    - `per_class=True` (`train.balance: loss`): each class's term is weighted by that class's
+      weight, sum_c w[c] q_c -log p_c, which is nn.CrossEntropyLoss(weight=w, label_smoothing=s).
+      The smoothing mass each sample spreads over the other classes is weighted too, so every
+      image pulls the rare classes' probabilities up, and no fit of the training set can undo
+      that: the decision boundary moves toward the rare classes, as a logit adjustment would.
+    - `per_class=False` (`train.balance: sample_loss`): each sample is weighted by its own
+      class, (t . w) sum_c q_c -log p_c, minimised at p = q for every class (calibrated). But a
+      network that fits its training set, as a pretrained one does within epochs, is then
+      hardly moved by the weights: fine-tuning EfficientNet-Lite0 on real images, test balanced
+      accuracy fell by 0.17 against the per-class form (BENCHMARKS.md, "Fine-tuning
+      EfficientNet-Lite0").
 
-    Targets are class indices, or (Mixup/CutMix) rows t of class proportions summing to 1: then
-    q = (1 - s) t + s / K and the sample's weight is t . w, its classes' weights in proportion.
+    Either way the train stage divides the batch's summed loss by the batch's total class
+    weight, as nn.CrossEntropyLoss's mean does.
     """
 
-    def __init__(self, weights: torch.Tensor | None, smoothing: float, num_classes: int = len(CLASSES)):
+    def __init__(self, weights: torch.Tensor | None, smoothing: float, num_classes: int = len(CLASSES),
+                 per_class: bool = True):
         super().__init__()
-        self.weights, self.smoothing, self.num_classes = weights, smoothing, num_classes
+        self.weights, self.smoothing, self.num_classes, self.per_class = weights, smoothing, num_classes, per_class
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = logits.log_softmax(dim=1)
-        # q . -log p, without materialising q: (1 - s) * t . -log p + (s / K) * sum_c -log p_c
-        if targets.is_floating_point():
-            loss = -(1 - self.smoothing) * (targets * log_p).sum(dim=1)
-            weight = None if self.weights is None else targets @ self.weights
-        else:
-            loss = -(1 - self.smoothing) * log_p.gather(1, targets[:, None]).squeeze(1)
-            weight = None if self.weights is None else self.weights[targets]
-        if self.smoothing:
-            loss = loss - self.smoothing / self.num_classes * log_p.sum(dim=1)
-        return loss if weight is None else loss * weight
+        if not targets.is_floating_point():
+            targets = F.one_hot(targets, self.num_classes).to(log_p.dtype)
+        q = (1 - self.smoothing) * targets + self.smoothing / self.num_classes
+        if self.weights is None:
+            return -(q * log_p).sum(dim=1)
+        if self.per_class:
+            return -(q * self.weights * log_p).sum(dim=1)
+        return -(q * log_p).sum(dim=1) * (targets @ self.weights)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -238,8 +245,10 @@ def inference_model(checkpoint: dict, device: torch.device) -> tuple[nn.Module, 
     evaluate and predict both come through here, so their probabilities match."""
     from hmnist.models import model_from_checkpoint
 
-    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device))
-    model_input = ModelInput(int(checkpoint["input_size"]), tuple(checkpoint["mean"]), tuple(checkpoint["std"]), device)
+    arch = checkpoint["model_config"]["arch"]
+    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device, arch))
+    model_input = ModelInput(int(checkpoint["input_size"]), tuple(checkpoint["mean"]), tuple(checkpoint["std"]), device,
+                             arch)
     return model, model_input
 
 

@@ -62,6 +62,12 @@ def evaluate_split(model, images, labels, model_input, batch_size, device) -> di
     return summary_metrics(labels, predict_probs(model, images, model_input, batch_size, device))
 
 
+def warmup_epochs(params: Params) -> float:
+    """The model's own warmup when its entry sets one, else the train block's."""
+    own = params.model_config.warmup_epochs
+    return params.train.warmup_epochs if own is None else own
+
+
 def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]) -> str:
     """Which run a saved state belongs to: same params, same split, same cache size."""
     payload = json.dumps({"model": params.model, "config": asdict(params.model_config),
@@ -93,15 +99,15 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     train_labels = torch.from_numpy(labels[train_rows]).to(device)
     val_labels = labels[val_rows]
 
-    model = create_model(config).to(device).to(memory_format=memory_format(device))
+    model = create_model(config).to(device).to(memory_format=memory_format(device, config.arch))
     norm = data_config(model)
-    model_input = ModelInput(config.resize, norm["mean"], norm["std"], device)
+    model_input = ModelInput(config.resize, norm["mean"], norm["std"], device, config.arch)
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1)
     augment = Augment(generator, (tc.crop_area_min, 1.0), tc.rotation, tc.color_jitter) if tc.augment else None
 
     weights = class_weights(labels[train_rows], tc.balance_power).to(device)
-    loss_weights = weights if tc.balance == "loss" else None
-    criterion = SmoothedCrossEntropy(loss_weights, tc.label_smoothing)
+    loss_weights = weights if tc.balance in ("loss", "sample_loss") else None
+    criterion = SmoothedCrossEntropy(loss_weights, tc.label_smoothing, per_class=tc.balance == "loss")
     sample_weights = weights[train_labels] if tc.balance == "sampler" else None
     mixing = (tc.mixup > 0 or tc.cutmix > 0) and tc.mixup_prob > 0
     mixer = Mixer(tc.mixup, tc.cutmix, tc.mixup_prob, len(CLASSES)) if mixing else None
@@ -117,7 +123,7 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay),
                                   lr=config.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(round(tc.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch))
+        optimizer, lr_lambda(round(warmup_epochs(params) * steps_per_epoch), config.epochs * steps_per_epoch))
     step_model = distributed.data_parallel(model, device, ranks)
     step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
