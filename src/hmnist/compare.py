@@ -40,25 +40,10 @@ def compare(a: pd.DataFrame | list[pd.DataFrame], b: pd.DataFrame | list[pd.Data
     return compare_runs(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], resamples, seed)
 
 
-def noise_note(result: dict) -> str:
-    """What the interval holds: the line that says whether training noise is in it."""
-    runs_a, runs_b = result["runs_a"], result["runs_b"]
-    if runs_a > 1 and runs_b > 1:
-        return (f"the interval resamples the test lesions and each side's runs ({runs_a} and {runs_b} training "
-                "seeds): a verdict on the recipes")
-    if runs_a == runs_b == 1:
-        return ("one run per side: the interval holds the test set's noise, not training noise (another seed of "
-                "either can land elsewhere); for a verdict on the recipes, compare several runs per side: "
-                "A1,A2,A3 B1,B2,B3")
-    many = "A" if runs_a > 1 else "B"
-    return (f"only {many}'s training noise is in the interval ({max(runs_a, runs_b)} runs against 1): give the "
-            "other side several runs too for a verdict on the recipes")
-
-
 def format_table(result: dict, name_a: str, name_b: str) -> str:
     lines = [f"A = {name_a}, B = {name_b}: {result['images']} test images of {result['lesions']} lesions, "
              f"{result['resamples']} paired lesion resamples",
-             noise_note(result),
+             result["note"],
              f"{'metric':<22}{'A':>8}{'B':>8}{'B - A':>9}  {'95% interval':<20}  verdict"]
     def number(value: float | None, sign: str = "") -> str:
         return "n/a" if value is None else f"{value:{sign}.4f}"
@@ -87,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     check_same_test_set(a[0], b[0], specs_a[0], specs_b[0])
     result = compare(a, b, args.resamples, args.seed)
     if args.json:
-        print(json.dumps({"a": args.a, "b": args.b, **result, "note": noise_note(result)}, indent=2))
+        print(json.dumps({"a": args.a, "b": args.b, **result}, indent=2))
     else:
         print(format_table(result, args.a, args.b))
 

@@ -239,8 +239,21 @@ def compare_runs(a: list[pd.DataFrame], b: list[pd.DataFrame], resamples: int = 
         # NaN (a metric undefined on these images, e.g. no AUC without negatives) is not JSON
         rows[name] = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
     return {"images": len(first), "lesions": int(np.unique(first["lesion_id"]).size), "runs_a": len(a),
-            "runs_b": len(b), "training_noise": len(a) > 1 and len(b) > 1, "resamples": resamples, "seed": seed,
+            "runs_b": len(b), "note": noise_note(len(a), len(b)), "resamples": resamples, "seed": seed,
             "metrics": rows}
+
+
+def noise_note(runs_a: int, runs_b: int) -> str:
+    """What compare_runs' interval holds: whether training noise is in it."""
+    if runs_a > 1 and runs_b > 1:
+        return (f"the interval resamples the test lesions and each side's runs ({runs_a} and {runs_b} training "
+                "seeds): a verdict on the recipes")
+    if runs_a == runs_b == 1:
+        return ("one run per side: the interval holds the test set's noise, not training noise (another seed of "
+                "either can land elsewhere); for a verdict on the recipes, compare several runs per side: "
+                "A1,A2,A3 B1,B2,B3")
+    return (f"only {'A' if runs_a > 1 else 'B'}'s training noise is in the interval ({max(runs_a, runs_b)} runs "
+            "against 1): give the other side several runs too for a verdict on the recipes")
 
 
 # -- calibration --------------------------------------------------------------------------------
