@@ -199,3 +199,10 @@ def test_in_a_browser_offline(page, tmp_path):
     ink = (pixels.min(axis=2) < 200).mean()  # share of pixels that are not white or near it
     colours = len(np.unique(pixels.reshape(-1, 3).astype(np.uint8), axis=0))
     assert ink > 0.02 and pixels.std() > 10 and colours > 100, (ink, pixels.std(), colours)
+
+
+def test_headline_metrics_are_the_interval_ones():
+    from hmnist.metrics import INTERVAL_METRICS
+    from hmnist.report import HEADLINE
+
+    assert HEADLINE == (*INTERVAL_METRICS, "ece")

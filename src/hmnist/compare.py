@@ -27,7 +27,6 @@ import json
 from typing import TYPE_CHECKING
 
 from hmnist.errors import cli
-from hmnist.metrics import compare_runs
 from hmnist.runs import check_same_test_set, parse_recipe, read_recipe, read_run  # noqa: F401  (tests use them)
 
 if TYPE_CHECKING:
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
 def compare(a: pd.DataFrame | list[pd.DataFrame], b: pd.DataFrame | list[pd.DataFrame], resamples: int = 2000,
             seed: int = 0) -> dict:
     """metrics.compare_runs for one run (a frame) or several (a list) per side."""
+    from hmnist.metrics import compare_runs  # with sklearn: seconds that `hmnist --help` should not wait
+
     return compare_runs(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], resamples, seed)
 
 

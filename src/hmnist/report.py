@@ -31,14 +31,14 @@ import numpy as np
 
 from hmnist.config import CLASSES, DEVICES
 from hmnist.errors import UserError, cli, first_line
-from hmnist.metrics import INTERVAL_METRICS, compare_runs, recipe_intervals
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
                          read_run)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-HEADLINE = (*INTERVAL_METRICS, "ece")
+# metrics.INTERVAL_METRICS and the ECE (metrics.py imports sklearn: not at `hmnist --help`)
+HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "melanoma_sensitivity", "ece")
 # the evaluate and train stages' pictures, in the order a reader looks at them
 PLOTS = {"confusion matrix": "plots/confusion_matrix.png", "ROC": "plots/roc.png",
          "reliability": "plots/reliability.png", "training curves": "plots/training_curves.png"}
@@ -189,6 +189,8 @@ def _with_interval(value, low, high, sign: str = "") -> str:
 def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tuple]:
     """Each headline metric (value, low, high): metrics.json's for one run; for several, the
     mean over the runs and its two-level bootstrap interval (ECE: the mean, without one)."""
+    from hmnist.metrics import recipe_intervals
+
     if len(runs) == 1:
         m = runs[0].metrics
         return {name: (m.get(name), m.get(f"{name}_low"), m.get(f"{name}_high")) for name in HEADLINE}
@@ -261,6 +263,8 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
 def report(recipes: list[list[str]], repo: str = ".", per_kind: int = 3, resamples: int = 2000, seed: int = 0,
            device: str = "auto", progress: bool = False) -> str:
     """The report's HTML for `recipes` (each a list of run names)."""
+    from hmnist.metrics import compare_runs
+
     started = time.perf_counter()
     data = [[RunData(spec, repo) for spec in specs] for specs in recipes]
     first = data[0][0]
