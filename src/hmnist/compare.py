@@ -26,7 +26,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from hmnist.errors import cli
+from hmnist.errors import at_least, cli
 from hmnist.runs import check_same_test_set, parse_recipe, read_recipe, read_run  # noqa: F401  (tests use them)
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                "file; or several, comma-separated (A1,A2,A3): one recipe's runs")
     parser.add_argument("b", metavar="B", help="the same for the run(s) compared with A (differences are B - A)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON, for scripts")
-    parser.add_argument("--resamples", type=_resamples, default=2000,
+    parser.add_argument("--resamples", type=at_least(100), default=2000,
                         help="paired lesion resamples (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the resampling seed (default: %(default)s)")
     parser.add_argument("--repo", default=".", help="the DVC project whose revisions A and B name (default: .)")
@@ -76,16 +76,6 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({"a": args.a, "b": args.b, **result}, indent=2))
     else:
         print(format_table(result, args.a, args.b))
-
-
-def _resamples(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 100:
-        raise argparse.ArgumentTypeError(f"must be at least 100, got {value}")
-    return value
 
 
 @cli

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from hmnist.config import CLASSES, DEVICES, TTA
-from hmnist.errors import UserError, cli, first_line
+from hmnist.errors import UserError, at_least, cli, first_line
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.
@@ -291,7 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the folds of cv.folds: --checkpoint models/model.pt --checkpoint models/fold1.pt ...)")
     parser.add_argument("--out", default="predictions.csv",
                         help="the ISIC 2018 submission CSV to write; - for stdout (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when present, else the CPU (default: %(default)s)")
     parser.add_argument("--tta", nargs="?", const="flips", default="none", choices=TTA,
@@ -323,16 +323,6 @@ def run(args: argparse.Namespace) -> None:
     print(f"{predictor.model_name} ({predictor.arch}{ensemble}) classified {len(frame)} image(s)"
           f"{'' if args.tta == 'none' else f' with TTA ({args.tta})'}: "
           f"wrote {where}" + (f", and their maps to {args.explain}" if args.explain else ""), file=report)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 @cli

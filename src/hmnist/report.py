@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
 import html
 import io
 import json
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hmnist.config import CLASSES, DEVICES
-from hmnist.errors import UserError, cli, first_line
+from hmnist.errors import UserError, at_least, cli, first_line
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
                          read_run)
 
@@ -290,9 +289,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="experiment, git revision, branch or `workspace`; several comma-separated (A1,A2,A3) "
                              "are one recipe's runs, shown as one row")
     parser.add_argument("-o", "--out", default="report.html", help="the HTML file to write (default: %(default)s)")
-    parser.add_argument("--gallery", type=_count, default=3,
+    parser.add_argument("--gallery", type=at_least(0), default=3,
                         help="per class, how many right and how many wrong test images (default: %(default)s)")
-    parser.add_argument("--resamples", type=functools.partial(_count, minimum=100), default=2000,
+    parser.add_argument("--resamples", type=at_least(100), default=2000,
                         help="lesion resamples of the intervals (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the resampling seed (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
@@ -315,16 +314,6 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {sum(map(len, recipes))} run(s)) in "
           f"{time.perf_counter() - started:.0f} s")
-
-
-def _count(text: str, minimum: int = 0) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-    return value
 
 
 @cli

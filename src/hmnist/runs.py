@@ -125,7 +125,7 @@ def read_run(spec: str, repo: str = ".") -> pd.DataFrame:
     if spec == WORKSPACE:
         path = Path(repo) / PREDICTIONS
         if not path.is_file():
-            raise UserError(f"the workspace has no {PREDICTIONS}: run `dvc repro` first")
+            raise UserError(f"the workspace has no {PREDICTIONS}: {pull_hint(WORKSPACE)}")
     if spec.lower().endswith(".csv") and not path.is_file():
         raise UserError(f"{spec}: no such predictions file")
     if path.is_file():
