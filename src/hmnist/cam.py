@@ -1,8 +1,12 @@
 """Class-activation maps: where in an image a trained model found its evidence for a class.
 
 Grad-CAM (Selvaraju et al. 2017) through the `grad-cam` package (pytorch-grad-cam): the
-activations of one layer, each channel weighted by the mean gradient of the class's logit, summed
-and rectified, scaled to 0..1, and blown up to the image. Which layer, by model family
+activations of one layer, each channel weighted by the mean gradient of the class's
+probability, summed and rectified, scaled to 0..1, and blown up to the image. The probability,
+not the logit: its gradient is the class's logit against the others' (what made this class win),
+while a logit alone can be below zero everywhere in a head with a large negative bias — a
+trained ResNet9 on real images gave an all-zero map for every image that way. Which layer, by
+model family
 (README, "Class-activation maps"):
 
 - CNNs (resnet9, EfficientNet-Lite, any timm CNN): the feature map `forward_features` returns,
@@ -67,11 +71,12 @@ def target_layer(wrapped: _Tapped) -> tuple[nn.Module, Callable[[torch.Tensor], 
 
 def class_maps(model: nn.Module, model_input: ModelInput, images: torch.Tensor, classes: np.ndarray,
                batch_size: int = 32) -> np.ndarray:
-    """Grad-CAM maps (N x H x W, each scaled to 0..1) of uint8 NHWC `images` for class
+    """Grad-CAM maps (N x H x W, each scaled to 0..1; all 0 where no position favours the class)
+    of uint8 NHWC `images` for class
     `classes[i]` of image i, at the images' own size. `model_input` preprocesses the images as
     evaluation does (engine.inference_model gives both)."""
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     wrapped = _Tapped(model).eval()
     layer, reshape = target_layer(wrapped)
@@ -80,7 +85,7 @@ def class_maps(model: nn.Module, model_input: ModelInput, images: torch.Tensor, 
     with GradCAM(model=wrapped, target_layers=[layer], reshape_transform=reshape) as cam:
         for start in range(0, len(images), batch_size):
             x = model_input(images[start:start + batch_size].to(model_input.mean.device))
-            targets = [ClassifierOutputTarget(int(c)) for c in classes[start:start + batch_size]]
+            targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes[start:start + batch_size]]
             for heat in cam(input_tensor=x, targets=targets):  # at the model's input size
                 maps.append(np.asarray(Image.fromarray(heat.astype(np.float32))
                                        .resize((width, height), Image.Resampling.BILINEAR)))

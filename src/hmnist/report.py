@@ -46,12 +46,13 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.plots { display: flex; flex-wrap: wrap; gap: .5em; }
-.plots figure { margin: 0; width: 24%; min-width: 260px; }
-.plots img { width: 100%; }
-.gallery { display: flex; flex-wrap: wrap; gap: .4em 1em; margin-bottom: 1em; }
-.example { margin: 0; font-size: 12px; }
-.example img { width: 112px; height: 112px; margin-right: 2px; }
+.plots { display: flex; flex-wrap: wrap; gap: .5em 1em; }
+.plots figure { margin: 0; }
+.plots img { height: 300px; width: auto; }
+.gallery { display: flex; flex-wrap: wrap; gap: .4em 1em; margin-bottom: 1em; align-items: flex-start; }
+.gallery .kind { flex-basis: 100%; margin: .3em 0 0; font-weight: 600; }
+.example { margin: 0; font-size: 12px; width: 232px; }
+.example img { width: 112px; height: 112px; margin-right: 2px; image-rendering: auto; }
 .wrong figcaption { color: #b00; }
 .note { color: #555; }
 """
@@ -241,10 +242,12 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
                     else f'<p class="note">no {e(PLOTS[title])} in this run</p>')
             out.append(f"<figure>{body}<figcaption>{e(title)}</figcaption></figure>")
         out.append(f'</div><h3>Gallery: per true class, the {per_kind} most confident right and wrong '
-                   "predictions, each beside its Grad-CAM map for the predicted class</h3>")
+                   "predictions, each beside its Grad-CAM map for the predicted class (red: most evidence for it)</h3>")
         for name, kinds in galleries[data.spec].items():
             out.append(f'<h4>{e(name.upper())}</h4><div class="gallery" data-class="{e(name)}">')
             for kind in ("right", "wrong"):
+                if kinds[kind]:
+                    out.append(f'<p class="kind">{"right" if kind == "right" else "wrong (missed)"}</p>')
                 for card in kinds[kind]:
                     out.append(
                         f'<figure class="example {kind}"><img alt="{e(card["name"])}" src="{png_uri(card["image"])}">'
