@@ -360,6 +360,7 @@ def test_explain_writes_each_images_map(trained, model, images, tmp_path, capsys
     image, _ = predict_module.read_image(first, model.prepare_size)
     predicted = frame[[c.upper() for c in CLASSES]].to_numpy()[0].argmax()
     heat = class_maps(model.model, model.model_input, torch.from_numpy(image[None]), np.array([predicted]))[0]
+    assert heat.max() == pytest.approx(1, abs=1e-3) and heat.min() < 0.5  # a map, not empty or flat
     written = np.asarray(Image.open(maps / f"{frame['image'][0]}.png"))
     assert written.shape == (model.prepare_size, model.prepare_size, 3)
     assert np.abs(written.astype(int) - overlay(image, heat)).max() <= 1

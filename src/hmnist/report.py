@@ -31,7 +31,7 @@ import numpy as np
 from hmnist.config import CLASSES, DEVICES
 from hmnist.errors import UserError, at_least, cli, first_line
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
-                         read_run)
+                         run_predictions)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -62,9 +62,8 @@ class RunData:
     """What the report shows of one run, read once."""
 
     def __init__(self, spec: str, repo: str):
-        self.spec = spec
-        self.predictions = read_run(spec, repo)  # the fix when absent is in read_run's error
-        self.run = Run(spec, repo)
+        self.spec, self.run = spec, Run(spec, repo)
+        self.predictions = run_predictions(self.run)  # the fix when absent is in its error
         self.metrics = json.loads(self._read("metrics/metrics.json"))
         self.params = _flat_params(self._read("params.yaml"))
         self.checkpoint = self.run.local_file(CHECKPOINT)  # a missing checkpoint fails here, before any work

@@ -42,6 +42,7 @@ class Run:
     def __init__(self, spec: str, repo: str = "."):
         self.spec, self.repo = spec, repo
         self.commit = None if spec == WORKSPACE else _resolve(spec, repo)
+        self._fs = None
 
     def __repr__(self) -> str:
         return f"Run({self.spec!r})"
@@ -53,11 +54,14 @@ class Run:
             if not file.is_file():
                 raise FileNotFoundError(path)
             return file.read_text() if mode == "r" else file.read_bytes()
-        import dvc.api
         from dvc.exceptions import DvcException
 
+        if self._fs is None:  # one DVC file system per run: opening the repo at a commit takes a while
+            from dvc.api import DVCFileSystem
+
+            self._fs = DVCFileSystem(self.repo, rev=self.commit)
         try:
-            return dvc.api.read(path, repo=self.repo, rev=self.commit, mode=mode)
+            return self._fs.read_text(path) if mode == "r" else self._fs.read_bytes(path)
         except (FileNotFoundError, DvcException) as e:
             raise FileNotFoundError(f"{path}: {first_line(e)}") from None
 
@@ -122,29 +126,29 @@ def _resolve(rev: str, repo: str) -> str:
 def read_run(spec: str, repo: str = ".") -> pd.DataFrame:
     """A run's test predictions with their truth: image, MEL ... VASC, lesion_id, dx."""
     path = Path(spec)
-    if spec == WORKSPACE:
-        path = Path(repo) / PREDICTIONS
+    if spec != WORKSPACE and (spec.lower().endswith(".csv") or path.is_file()):
         if not path.is_file():
-            raise UserError(f"the workspace has no {PREDICTIONS}: {pull_hint(WORKSPACE)}")
-    if spec.lower().endswith(".csv") and not path.is_file():
-        raise UserError(f"{spec}: no such predictions file")
-    if path.is_file():
-        frame = _read_csv(path.read_text(), spec)
-        if "dx" not in frame.columns and spec == WORKSPACE and (Path(repo) / SPLIT).is_file():
-            frame = _with_truth(frame, _read_csv((Path(repo) / SPLIT).read_text(), SPLIT), spec)
-    else:
-        run = Run(spec, repo)
+            raise UserError(f"{spec}: no such predictions file")
+        return checked_predictions(_read_csv(path.read_text(), spec), spec)
+    return run_predictions(Run(spec, repo))
+
+
+def run_predictions(run: Run) -> pd.DataFrame:
+    """read_run of a Run: its predictions/test.csv, with the truth from data/split.csv for the
+    predictions of an older evaluate stage (no dx column)."""
+    try:
+        frame = _read_csv(run.read(PREDICTIONS), run.spec)
+    except FileNotFoundError as e:
+        if run.commit is None:
+            raise UserError(f"the workspace has no {PREDICTIONS}: {pull_hint(WORKSPACE)}") from None
+        raise UserError(f"{run.spec} has no {PREDICTIONS} (or its cached copy is missing; {pull_hint(run.spec)}): "
+                        f"{first_line(e)}") from None
+    if "dx" not in frame.columns:
         try:
-            frame = _read_csv(run.read(PREDICTIONS), spec)
-        except FileNotFoundError as e:
-            raise UserError(f"{spec} has no {PREDICTIONS} (or its cached copy is missing; {pull_hint(spec)}): "
-                            f"{first_line(e)}") from None
-        if "dx" not in frame.columns:  # predictions of an older evaluate stage
-            try:
-                frame = _with_truth(frame, _read_csv(run.read(SPLIT), f"{SPLIT} of {spec}"), spec)
-            except FileNotFoundError:
-                pass
-    return checked_predictions(frame, spec)
+            frame = _with_truth(frame, _read_csv(run.read(SPLIT), f"{SPLIT} of {run.spec}"), run.spec)
+        except FileNotFoundError:
+            pass
+    return checked_predictions(frame, run.spec)
 
 
 def checked_predictions(frame: pd.DataFrame, spec: str) -> pd.DataFrame:
