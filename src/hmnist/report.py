@@ -234,7 +234,8 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
                        f'<td class="num">[{_number(r["low"], "+")}, {_number(r["high"], "+")}]</td>'
                        f'<td class="verdict">{e(r["verdict"])}</td></tr>')
         out.append("</table>")
-    for number, data in enumerate(all_runs):
+    unique = list({r.spec: r for r in all_runs}.values())  # a run named in two recipes: one section
+    for number, data in enumerate(unique):
         out.append(f'<section class="run" id="run-{number}"><h2>Run {e(data.spec)}</h2><div class="plots">')
         for title, png in data.plots.items():
             body = (f'<img alt="{e(title)} of {e(data.spec)}" src="{png_uri(png)}">' if png is not None
