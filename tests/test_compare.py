@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmnist.compare import check_same_test_set, compare, read_run
+from hmnist.compare import compare
+from hmnist.runs import check_same_test_set, read_run
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from hmnist.metrics import paired_bootstrap, verdict

@@ -27,7 +27,7 @@ import json
 from typing import TYPE_CHECKING
 
 from hmnist.errors import at_least, cli
-from hmnist.runs import check_same_test_set, parse_recipe, read_recipe, read_run  # noqa: F401  (tests use them)
+from hmnist.runs import check_same_test_set, parse_recipe, read_recipe
 
 if TYPE_CHECKING:
     import pandas as pd
