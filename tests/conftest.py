@@ -61,7 +61,10 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) 
 @pytest.fixture
 def project(tmp_path, synthetic_zip) -> Path:
     """A git + DVC project with this repo's pipeline and tiny params, reading the synthetic zip."""
-    root = tmp_path / "project"
+    return make_project(tmp_path / "project", synthetic_zip)
+
+
+def make_project(root: Path, synthetic_zip: Path) -> Path:
     root.mkdir()
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / name)

@@ -1,4 +1,5 @@
-"""hmnist compare on predictions CSV files: the paired test, its verdicts, its errors.
+"""hmnist compare on predictions CSV files: the paired test, its verdicts, its errors, and the
+recipe comparison over several runs per side (with a known-answer simulation).
 (On experiments and git revisions: tests/test_share.py.)"""
 import json
 
@@ -6,9 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmnist.compare import check_same_test_set, compare, read_run
+from hmnist.compare import compare
+from hmnist.runs import check_same_test_set, read_run
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
+from hmnist.metrics import paired_bootstrap, verdict
 
 from conftest import BIN, run
 
@@ -70,7 +73,8 @@ def test_verdicts_and_json(runs, tmp_path):
 def test_table_and_verdicts(runs, capsys):
     code, text, _ = in_process(capsys, runs["weak"], runs["strong"])
     assert code == 0 and "95% interval" in text
-    assert [line.split()[-2:] for line in text.splitlines()[2:]] == [["B", "better"]] * 5
+    assert "one run per side: the interval holds the test set's noise, not training noise" in text
+    assert [line.split()[-2:] for line in text.splitlines()[3:]] == [["B", "better"]] * 5
     code, out, _ = in_process(capsys, runs["strong"], runs["weak"], "--json")
     assert json.loads(out)["metrics"]["balanced_accuracy"]["verdict"] == "A better"
     # two runs of the same quality: the difference is within the noise
@@ -110,3 +114,57 @@ def test_without_lesion_ids_images_are_the_unit(runs, capsys):
     assert (again["lesion_id"] == again["image"]).all()
     with pytest.raises(UserError, match="disagree on the lesion_id"):
         check_same_test_set(again, read_run(str(runs["strong"])), "A", "B")
+
+
+def test_several_runs_per_side(runs, tmp_path, capsys):
+    weak2 = tmp_path / "weak2.csv"
+    predictions(np.asarray([CLASSES.index(c) for c in pd.read_csv(runs["weak"])["dx"]]), np.arange(500) // 2,
+                0.5, 4).to_csv(weak2, index=False)
+    code, out, err = in_process(capsys, f"{runs['weak']},{runs['weak_again']},{weak2}", runs["strong"], "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["runs_a"], result["runs_b"]) == (3, 1) and "only A's training noise" in result["note"]
+    single = [compare(read_run(str(p)), read_run(str(runs["strong"])))["metrics"]["accuracy"]["a"]
+              for p in (runs["weak"], runs["weak_again"], weak2)]
+    assert result["metrics"]["accuracy"]["a"] == pytest.approx(np.mean(single))  # a side is its runs' mean
+    assert result["metrics"]["accuracy"]["verdict"] == "B better"
+    code, text, _ = in_process(capsys, f"{runs['weak']},{runs['weak_again']}", f"{weak2},{runs['strong']}")
+    assert code == 0 and "each side's runs (2 and 2 training seeds): a verdict on the recipes" in text
+    code, _, err = in_process(capsys, f"{runs['weak']},{runs['weak']}", runs["strong"])
+    assert code == 2 and "names a run twice" in err
+
+
+def seed_noisy_world(rng, runs, n_lesions=150, seed_sd=1.0, signal=1.5):
+    """A test set and `runs` trained models of each of two equal recipes. Each lesion has its
+    own difficulty, shared by every model; each training seed leans towards some classes (a
+    random bias per class, the same for all its images): training noise that moves balanced
+    accuracy from seed to seed as much as in real runs."""
+    k = len(CLASSES)
+    lesion_labels = rng.choice(k, size=n_lesions, p=[.11, .67, .05, .03, .11, .01, .02])
+    images = rng.integers(1, 3, size=n_lesions)
+    labels, lesions = np.repeat(lesion_labels, images), np.repeat(np.arange(n_lesions), images)
+    difficulty = rng.normal(size=(n_lesions, k))[lesions]
+
+    def trained():
+        logits = difficulty + rng.normal(scale=seed_sd, size=k) + rng.normal(scale=0.5, size=(len(labels), k))
+        logits[np.arange(len(labels)), labels] += signal
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    return labels, lesions, [trained() for _ in range(runs)], [trained() for _ in range(runs)]
+
+
+def test_equal_recipes_known_answer():
+    """Two equal recipes, seed-noisy runs: three runs per side give "no detectable difference"
+    about 95% of the time; one run per side, the same simulations, much less often: the one-run
+    interval leaves training noise out, so it calls differences that another seed would undo."""
+    rng = np.random.default_rng(0)
+    worlds, multi, single = 150, 0, 0
+    for i in range(worlds):
+        labels, lesions, a, b = seed_noisy_world(rng, runs=3)
+        names = ("balanced_accuracy",)
+        many = paired_bootstrap(labels, a, b, lesions, 300, i, names=names)["balanced_accuracy"]
+        one = paired_bootstrap(labels, a[0], b[0], lesions, 300, i, names=names)["balanced_accuracy"]
+        multi += verdict(many["low"], many["high"]) == "no detectable difference"
+        single += verdict(one["low"], one["high"]) == "no detectable difference"
+    assert 0.90 <= multi / worlds <= 0.995, multi / worlds
+    assert single / worlds <= 0.85, single / worlds

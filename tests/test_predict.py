@@ -344,3 +344,23 @@ def test_damaged_checkpoint_with_our_format(trained, images, tmp_path):
     torch.save(state, tmp_path / "damaged.pt")
     with pytest.raises(UserError, match="damaged.pt is a damaged hmnist checkpoint: RuntimeError"):
         hmnist.load(tmp_path / "damaged.pt", device="cpu")
+
+
+def test_explain_writes_each_images_map(trained, model, images, tmp_path, capsys):
+    from hmnist.cam import class_maps, overlay
+
+    out, maps = tmp_path / "predictions.csv", tmp_path / "maps"
+    predict_module.main(["--checkpoint", str(trained / "models/model.pt"), str(images), "--out", str(out),
+                         "--explain", str(maps), "--device", "cpu", "--batch-size", "4"])
+    assert f"and their maps to {maps}" in capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert sorted(p.stem for p in maps.glob("*.png")) == frame["image"].tolist()
+    # each is the map for the predicted class over the image as the model saw it
+    first = next(p for p in images.rglob("*") if p.stem == frame["image"][0])
+    image, _ = predict_module.read_image(first, model.prepare_size)
+    predicted = frame[[c.upper() for c in CLASSES]].to_numpy()[0].argmax()
+    heat = class_maps(model.model, model.model_input, torch.from_numpy(image[None]), np.array([predicted]))[0]
+    assert heat.max() == pytest.approx(1, abs=1e-3) and heat.min() < 0.5  # a map, not empty or flat
+    written = np.asarray(Image.open(maps / f"{frame['image'][0]}.png"))
+    assert written.shape == (model.prepare_size, model.prepare_size, 3)
+    assert np.abs(written.astype(int) - overlay(image, heat)).max() <= 1

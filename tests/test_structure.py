@@ -24,7 +24,7 @@ DEFS = {name: stage.get("do", stage) for name, stage in DVC["stages"].items()}
 STAGES = {name: stage["cmd"].split("python -m hmnist.")[1].split()[0] for name, stage in DEFS.items()}
 # the arguments each stage's command gives main(), for the run that records params
 ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage in DEFS.items()}
-COMMANDS = {"predict", "compare", "bench", "cli"}
+COMMANDS = {"predict", "compare", "report", "bench", "cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, __init__.py only the `hmnist.load` entry point.
 NOT_DEPS = {"errors", "__init__"}

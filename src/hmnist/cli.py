@@ -2,6 +2,7 @@
 
     hmnist predict --checkpoint models/model.pt PATH... [--out predictions.csv]
     hmnist compare A B [--json]
+    hmnist report A [B ...] [-o report.html]
 
 A subcommand is a module with `add_arguments(parser)` and `run(args)`, listed in SUBCOMMANDS;
 the same module's `main()` serves `python -m hmnist.<module>` with the same arguments.
@@ -18,6 +19,7 @@ from hmnist.errors import cli
 SUBCOMMANDS = {
     "predict": ("hmnist.predict", "classify image files and write an ISIC 2018 submission CSV"),
     "compare": ("hmnist.compare", "B - A per test metric, with a 95%% paired lesion-bootstrap interval"),
+    "report": ("hmnist.report", "one offline HTML page: runs, paired differences, plots, class-activation maps"),
 }
 
 

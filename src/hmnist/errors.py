@@ -24,6 +24,22 @@ def first_line(e: BaseException, empty: str = "no details") -> str:
     return text.splitlines()[0][:200] if text else empty
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`, or argparse's one-line usage error."""
+    import argparse
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return whole_number
+
+
 def cli(main: Callable[..., object]) -> Callable[..., object]:
     """Wrap a stage's main(): UserError -> `error: ...` and exit 2; Ctrl-C -> exit 130."""
 

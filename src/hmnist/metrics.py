@@ -162,21 +162,98 @@ def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def paired_bootstrap(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, lesion_ids: np.ndarray,
-                     resamples: int, seed: int, level: float = 0.95) -> dict[str, dict[str, float]]:
-    """B - A for each of INTERVAL_METRICS, with its percentile interval over lesion resamples
+def paired_bootstrap(labels: np.ndarray, probs_a: np.ndarray | list[np.ndarray], probs_b: np.ndarray | list[np.ndarray],
+                     lesion_ids: np.ndarray, resamples: int, seed: int, level: float = 0.95,
+                     names: tuple[str, ...] = INTERVAL_METRICS) -> dict[str, dict[str, float]]:
+    """B - A for each metric in `names`, with its percentile interval over lesion resamples
     shared by both: the same test set redrawn for A and for B, so what the two have in common
-    (which lesions are hard) cancels out of the difference."""
+    (which lesions are hard) cancels out of the difference.
+
+    A and B are each one run's probabilities, or a list of several runs of one recipe (training
+    seeds) on the same images: then a side's metric is the mean over its runs, and each resample
+    also redraws the runs of each side with replacement (a two-level bootstrap: seeds, and the
+    lesions shared by every run), so the interval holds the training noise as well as the test
+    set's. With one run per side it is the lesion bootstrap alone."""
     weights = lesion_weights(lesion_ids, resamples, seed)
-    ones = np.ones((1, len(labels)))
-    point_a, point_b = weighted_metrics(labels, probs_a, ones), weighted_metrics(labels, probs_b, ones)
-    sample_a, sample_b = weighted_metrics(labels, probs_a, weights), weighted_metrics(labels, probs_b, weights)
+    seeds = np.random.default_rng([seed, 1])  # the runs' draws, apart from the lesions'
+    point_a, sample_a = _recipe_samples(labels, probs_a, weights, seeds, names)
+    point_b, sample_b = _recipe_samples(labels, probs_b, weights, seeds, names)
     out = {}
-    for name in INTERVAL_METRICS:
+    for name in names:
         low, high = _percentiles(sample_b[name] - sample_a[name], level)
-        out[name] = {"a": float(point_a[name][0]), "b": float(point_b[name][0]),
-                     "difference": float(point_b[name][0] - point_a[name][0]), "low": float(low), "high": float(high)}
+        out[name] = {"a": point_a[name], "b": point_b[name], "difference": point_b[name] - point_a[name],
+                     "low": low, "high": high}
     return out
+
+
+def recipe_intervals(labels: np.ndarray, probs: list[np.ndarray], lesion_ids: np.ndarray, resamples: int,
+                     seed: int, level: float = 0.95, names: tuple[str, ...] = INTERVAL_METRICS
+                     ) -> dict[str, tuple[float, float, float]]:
+    """(mean over the runs, low, high) of each metric for one recipe's runs: the two-level
+    bootstrap of paired_bootstrap on one side; for one run, bootstrap_intervals' interval."""
+    weights = lesion_weights(lesion_ids, resamples, seed)
+    point, samples = _recipe_samples(labels, probs, weights, np.random.default_rng([seed, 1]), names)
+    return {name: (point[name], *_percentiles(samples[name], level)) for name in names}
+
+
+def _recipe_samples(labels: np.ndarray, probs: np.ndarray | list[np.ndarray], weights: np.ndarray,
+                    seeds: np.random.Generator, names: tuple[str, ...]
+                    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A recipe's metrics (mean over its runs) on the whole test set, and on each row of
+    `weights` with the runs redrawn with replacement for each row (none drawn for one run)."""
+    runs = [probs] if isinstance(probs, np.ndarray) else list(probs)
+    ones = np.ones((1, len(labels)))
+    point = {name: float(np.mean([weighted_metrics(labels, p, ones, names)[name][0] for p in runs])) for name in names}
+    per_run = [weighted_metrics(labels, p, weights, names) for p in runs]
+    if len(runs) == 1:
+        return point, per_run[0]
+    draws = seeds.integers(0, len(runs), size=(len(weights), len(runs)))
+    rows = np.arange(len(weights))[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: NaN
+        samples = {name: np.nanmean(np.stack([r[name] for r in per_run])[draws, rows], axis=1) for name in names}
+    return point, samples
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 0:
+        return "B better"
+    if high < 0:
+        return "A better"
+    if low <= 0 <= high:
+        return "no detectable difference"
+    return "undefined"  # NaN: the metric is undefined on this test set
+
+
+def compare_runs(a: list[pd.DataFrame], b: list[pd.DataFrame], resamples: int = 2000, seed: int = 0) -> dict:
+    """What `hmnist compare` prints (and `hmnist report` shows): B - A per metric, its 95%
+    interval and verdict, for two recipes' runs given as predictions frames (image, MEL ... VASC,
+    lesion_id, dx) on the same test images, one or more per side."""
+    columns = [c.upper() for c in CLASSES]
+    first = a[0]
+    labels = first["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    rows = paired_bootstrap(labels, [f[columns].to_numpy(float) for f in a], [f[columns].to_numpy(float) for f in b],
+                            first["lesion_id"].to_numpy(), resamples, seed)
+    for name, row in rows.items():
+        row["verdict"] = verdict(row["low"], row["high"])
+        # NaN (a metric undefined on these images, e.g. no AUC without negatives) is not JSON
+        rows[name] = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
+    return {"images": len(first), "lesions": int(np.unique(first["lesion_id"]).size), "runs_a": len(a),
+            "runs_b": len(b), "note": noise_note(len(a), len(b)), "resamples": resamples, "seed": seed,
+            "metrics": rows}
+
+
+def noise_note(runs_a: int, runs_b: int) -> str:
+    """What compare_runs' interval holds: whether training noise is in it."""
+    if runs_a > 1 and runs_b > 1:
+        return (f"the interval resamples the test lesions and each side's runs ({runs_a} and {runs_b} training "
+                "seeds): a verdict on the recipes")
+    if runs_a == runs_b == 1:
+        return ("one run per side: the interval holds the test set's noise, not training noise (another seed of "
+                "either can land elsewhere); for a verdict on the recipes, compare several runs per side: "
+                "A1,A2,A3 B1,B2,B3")
+    return (f"only {'A' if runs_a > 1 else 'B'}'s training noise is in the interval ({max(runs_a, runs_b)} runs "
+            "against 1): give the other side several runs too for a verdict on the recipes")
 
 
 # -- calibration --------------------------------------------------------------------------------

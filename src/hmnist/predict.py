@@ -2,6 +2,7 @@
 
     hmnist predict --checkpoint models/model.pt PATH... [--out predictions.csv]
     hmnist predict --checkpoint models/model.pt --checkpoint models/fold1.pt ... PATH...   (an ensemble)
+    hmnist predict --checkpoint models/model.pt PATH... --explain maps/   (and each image's class-activation map)
     python -m hmnist.predict --checkpoint models/model.pt PATH...     (the same arguments)
 
 PATH is any mix of image files and folders; folders are searched recursively for JPEG and
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from hmnist.config import CLASSES, DEVICES, TTA
-from hmnist.errors import UserError, cli, first_line
+from hmnist.errors import UserError, at_least, cli, first_line
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.
@@ -168,7 +170,8 @@ class Predictor:
         return f"Predictor({self.model_name}: {self.arch} at {self.input_size}px, from {source}, on {self.device})"
 
     def predict(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
-                tta: str = "none", skip_bad: bool = False, progress: bool | None = False) -> pd.DataFrame:
+                tta: str = "none", skip_bad: bool = False, progress: bool | None = False,
+                explain: str | os.PathLike | None = None) -> pd.DataFrame:
         """Probabilities for every image in `paths`, in the ISIC 2018 submission format.
 
         Columns image, MEL, NV, BCC, AKIEC, BKL, DF, VASC; one row per image, sorted by image
@@ -176,7 +179,9 @@ class Predictor:
         "dihedral" (the eight flips and right-angle rotations), as `evaluate.tta`. With `skip_bad`, files
         that cannot be decoded are left out with a warning on stderr and listed in
         `frame.attrs["skipped"]`; without it the first one raises UserError.
-        `progress=None` shows a bar only on a terminal.
+        `progress=None` shows a bar only on a terminal. With `explain`, a folder, each image's
+        Grad-CAM map for its predicted class (cam.py; an ensemble's: the mean of its checkpoints'
+        maps), overlaid on the image as the model saw it, goes there as <image>.png.
         """
         import torch
         from tqdm import tqdm
@@ -194,6 +199,12 @@ class Predictor:
             raise UserError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
         files = find_images(paths)
         check_unique_names(files)
+        if explain is not None:
+            explain = Path(explain)
+            try:
+                explain.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot make the --explain folder {explain}: {e.strerror or e}") from None
 
         names, probs, skipped = [], [], []
         inference_batch = BatchSize(batch_size)  # halved on out-of-memory, for all later batches too
@@ -216,12 +227,25 @@ class Predictor:
                     probs.append(np.mean([predict_probs(m.model, images, m.model_input, inference_batch, self.device,
                                                         tta=tta) for m in self.members], axis=0))
                     names += [path.stem for path, _ in good]
+                    if explain is not None:
+                        self._explain(images, probs[-1].argmax(1), names[-len(good):], explain)
                 bar.update(len(batch))
         if not names:
             raise UserError(f"none of the {len(files)} input file(s) could be read as an image")
         frame = submission_frame(names, np.concatenate(probs))
         frame.attrs["skipped"] = skipped
         return frame
+
+    def _explain(self, images: torch.Tensor, predicted: np.ndarray, names: list[str], folder: Path) -> None:
+        from hmnist.cam import class_maps, overlay
+
+        maps = np.mean([class_maps(m.model, m.model_input, images, predicted) for m in self.members], axis=0)
+        for name, image, heat in zip(names, images.numpy(), maps):
+            path = folder / f"{name}.png"
+            try:
+                Image.fromarray(overlay(image, heat)).save(path)
+            except OSError as e:
+                raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
     def _decoded_batches(self, files: list[Path], batch_size: int, pool: ThreadPoolExecutor
                          ) -> Iterator[list[tuple[Path, tuple[np.ndarray | None, str | None]]]]:
@@ -267,13 +291,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the folds of cv.folds: --checkpoint models/model.pt --checkpoint models/fold1.pt ...)")
     parser.add_argument("--out", default="predictions.csv",
                         help="the ISIC 2018 submission CSV to write; - for stdout (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when present, else the CPU (default: %(default)s)")
     parser.add_argument("--tta", nargs="?", const="flips", default="none", choices=TTA,
                         help="test-time augmentation: average over the four flips of each image (--tta or "
                              "--tta flips, 4x slower) or the eight flips and right-angle rotations (--tta dihedral, "
                              "8x); as evaluate.tta, so predict and evaluate agree (default: %(default)s)")
+    parser.add_argument("--explain", metavar="DIR",
+                        help="also write each image's class-activation map (Grad-CAM, for its predicted class) "
+                             "over the image as DIR/<image>.png")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip files that cannot be decoded, with a warning, instead of stopping")
 
@@ -282,7 +309,8 @@ def run(args: argparse.Namespace) -> None:
     files = find_images(args.paths)  # before loading the model: a typo fails in a blink
     check_unique_names(files)
     predictor = Predictor(args.checkpoint, args.device)
-    frame = predictor.predict(files, args.batch_size, tta=args.tta, skip_bad=args.skip_bad, progress=None)
+    frame = predictor.predict(files, args.batch_size, tta=args.tta, skip_bad=args.skip_bad, progress=None,
+                              explain=args.explain)
     write_submission(frame, args.out)
     report = sys.stderr if args.out == "-" else sys.stdout  # stdout may be the CSV itself
     skipped = frame.attrs["skipped"]
@@ -294,17 +322,7 @@ def run(args: argparse.Namespace) -> None:
     ensemble = f", ensemble of {len(predictor.members)}" if len(predictor.members) > 1 else ""
     print(f"{predictor.model_name} ({predictor.arch}{ensemble}) classified {len(frame)} image(s)"
           f"{'' if args.tta == 'none' else f' with TTA ({args.tta})'}: "
-          f"wrote {where}", file=report)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+          f"wrote {where}" + (f", and their maps to {args.explain}" if args.explain else ""), file=report)
 
 
 @cli

@@ -1,0 +1,214 @@
+"""Finished runs as the commands that look back at them read them: `hmnist compare` and
+`hmnist report`.
+
+A run is named as `dvc metrics diff` names one: an experiment, a git revision or branch, or
+`workspace` (the files in the working tree); `hmnist compare` also takes a predictions CSV
+file. Files at a revision are read through DVC: git-tracked ones (metrics, plots, params) from
+the commit, DVC outputs (predictions, checkpoint, the prepared cache) from the DVC cache, so an
+experiment pulled with `dvc exp pull` is read without checking it out.
+"""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hmnist.config import CLASSES
+from hmnist.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# data.PREDICTIONS and the others, as paths inside a revision (strings, as DVC takes them)
+PREDICTIONS = "predictions/test.csv"
+SPLIT = "data/split.csv"
+CHECKPOINT = "models/model.pt"
+IMAGES, INDEX = "data/prepared/images.npy", "data/prepared/index.csv"
+WORKSPACE = "workspace"
+PROB_COLUMNS = [c.upper() for c in CLASSES]
+
+
+def pull_hint(spec: str) -> str:
+    """How to get a run's DVC outputs that are not here."""
+    if spec == WORKSPACE:
+        return "`dvc pull` it, or run `dvc repro`"
+    return f"`dvc exp pull origin {spec}` (an experiment) or `dvc pull` at it (a commit), or re-run its failed stage"
+
+
+class Run:
+    """One run's files: the working tree's (`workspace`) or those of an experiment or revision."""
+
+    def __init__(self, spec: str, repo: str = "."):
+        self.spec, self.repo = spec, repo
+        self.commit = None if spec == WORKSPACE else _resolve(spec, repo)
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"Run({self.spec!r})"
+
+    def read(self, path: str, mode: str = "r") -> str | bytes:
+        """A file of the run, git-tracked or a DVC output. FileNotFoundError if it has none."""
+        if self.commit is None:
+            file = Path(self.repo) / path
+            if not file.is_file():
+                raise FileNotFoundError(path)
+            return file.read_text() if mode == "r" else file.read_bytes()
+        from dvc.exceptions import DvcException
+
+        if self._fs is None:  # one DVC file system per run: opening the repo at a commit takes a while
+            from dvc.api import DVCFileSystem
+
+            self._fs = DVCFileSystem(self.repo, rev=self.commit)
+        try:
+            return self._fs.read_text(path) if mode == "r" else self._fs.read_bytes(path)
+        except (FileNotFoundError, DvcException) as e:
+            raise FileNotFoundError(f"{path}: {first_line(e)}") from None
+
+    def local_file(self, path: str) -> Path:
+        """A DVC output of the run as a file on this disk, to memory-map or load: the working
+        tree's, or its copy in the DVC cache (found through the revision's dvc.lock). A UserError
+        saying how to get it when it is not here."""
+        import yaml
+
+        if self.commit is None:
+            file = Path(self.repo) / path
+            if file.is_file():
+                return file
+            raise UserError(f"{self.spec} has no {path}: {pull_hint(self.spec)}")
+        try:
+            lock = yaml.safe_load(self.read("dvc.lock")) or {}
+        except FileNotFoundError:
+            lock = {}
+        md5 = next((out.get("md5") for stage in lock.get("stages", {}).values()
+                    for out in stage.get("outs", []) if out.get("path") == path), None)
+        if md5 is None:
+            raise UserError(f"{self.spec} has no {path} (its stage never finished there): {pull_hint(self.spec)}")
+        from dvc.repo import Repo
+
+        with Repo(self.repo) as project:
+            cached = Path(project.cache.local.oid_to_path(md5))
+        if cached.is_file():
+            return cached
+        workspace = Path(self.repo) / path
+        if workspace.is_file() and _md5(workspace) == md5:  # cache cleaned (dvc gc), the file still checked out
+            return workspace
+        raise UserError(f"{self.spec}'s {path} is not in the DVC cache: {pull_hint(self.spec)}")
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve(rev: str, repo: str) -> str:
+    from dvc.exceptions import DvcException, NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc.scm import RevError, resolve_rev
+
+    try:
+        with Repo(repo) as project:
+            # resolve_rev knows experiment names as `dvc exp show` lists them, besides git's revisions
+            return resolve_rev(project.scm, rev)
+    except NotDvcRepoError:
+        raise UserError(f"'{rev}' is not a file, and {Path(repo).resolve()} is not a DVC project to look up "
+                        "revisions in") from None
+    except (RevError, DvcException) as e:
+        raise UserError(f"'{rev}' is not an experiment, git revision, branch or predictions CSV file "
+                        f"({first_line(e)})") from None
+
+
+def read_run(spec: str, repo: str = ".") -> pd.DataFrame:
+    """A run's test predictions with their truth: image, MEL ... VASC, lesion_id, dx."""
+    path = Path(spec)
+    if spec != WORKSPACE and (spec.lower().endswith(".csv") or path.is_file()):
+        if not path.is_file():
+            raise UserError(f"{spec}: no such predictions file")
+        return checked_predictions(_read_csv(path.read_text(), spec), spec)
+    return run_predictions(Run(spec, repo))
+
+
+def run_predictions(run: Run) -> pd.DataFrame:
+    """read_run of a Run: its predictions/test.csv, with the truth from data/split.csv for the
+    predictions of an older evaluate stage (no dx column)."""
+    try:
+        frame = _read_csv(run.read(PREDICTIONS), run.spec)
+    except FileNotFoundError as e:
+        if run.commit is None:
+            raise UserError(f"the workspace has no {PREDICTIONS}: {pull_hint(WORKSPACE)}") from None
+        raise UserError(f"{run.spec} has no {PREDICTIONS} (or its cached copy is missing; {pull_hint(run.spec)}): "
+                        f"{first_line(e)}") from None
+    if "dx" not in frame.columns:
+        try:
+            frame = _with_truth(frame, _read_csv(run.read(SPLIT), f"{SPLIT} of {run.spec}"), run.spec)
+        except FileNotFoundError:
+            pass
+    return checked_predictions(frame, run.spec)
+
+
+def checked_predictions(frame: pd.DataFrame, spec: str) -> pd.DataFrame:
+    missing = [c for c in ["image", *PROB_COLUMNS, "dx"] if c not in frame.columns]
+    if missing:
+        raise UserError(f"{spec}: predictions lack column(s) {', '.join(missing)}: need image, "
+                        f"{', '.join(PROB_COLUMNS)} and dx, the true class (as predictions/test.csv has)")
+    unknown = sorted(set(frame["dx"]) - set(CLASSES))
+    if unknown:
+        raise UserError(f"{spec}: unknown dx label(s) {', '.join(map(str, unknown[:5]))}; known: {', '.join(CLASSES)}")
+    if not frame["image"].is_unique:
+        raise UserError(f"{spec}: image {frame['image'][frame['image'].duplicated()].iloc[0]} is listed twice")
+    if "lesion_id" not in frame.columns:
+        print(f"notice: {spec} has no lesion_id column: resampling images, not lesions (the intervals come out "
+              "too narrow when a lesion has several images)", file=sys.stderr)
+        frame = frame.assign(lesion_id=frame["image"])
+    return frame.sort_values("image", kind="stable").reset_index(drop=True)
+
+
+def _read_csv(text: str, where: str) -> pd.DataFrame:
+    import pandas as pd
+
+    try:
+        return pd.read_csv(io.StringIO(text), dtype={"image": str, "image_id": str, "lesion_id": str, "dx": str})
+    except (ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"{where} is not a readable CSV file: {first_line(e)}") from None
+
+
+def _with_truth(frame: pd.DataFrame, split: pd.DataFrame, spec: str) -> pd.DataFrame:
+    truth = split.set_index("image_id")[["lesion_id", "dx"]]
+    if not set(frame["image"]) <= set(truth.index):
+        raise UserError(f"{spec}: {PREDICTIONS} lists images that {SPLIT} does not")
+    return frame.join(truth, on="image")
+
+
+def check_same_test_set(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -> None:
+    if a["image"].tolist() != b["image"].tolist():
+        common = len(set(a["image"]) & set(b["image"]))
+        raise UserError(f"{name_a} and {name_b} are not on the same test images ({len(a)} and {len(b)} images, "
+                        f"{common} in common): compare runs made with the same split")
+    for column in ("dx", "lesion_id"):
+        differ = a[column] != b[column]
+        if differ.any():
+            raise UserError(f"{name_a} and {name_b} disagree on the {column} of image {a['image'][differ].iloc[0]}: "
+                            "they come from different metadata")
+
+
+def read_recipe(specs: list[str], repo: str = ".") -> list[pd.DataFrame]:
+    """The predictions of one recipe's runs (one or several training seeds), on one test set."""
+    frames = [read_run(spec, repo) for spec in specs]
+    for spec, frame in zip(specs[1:], frames[1:]):
+        check_same_test_set(frames[0], frame, specs[0], spec)
+    return frames
+
+
+def parse_recipe(text: str) -> list[str]:
+    """`A1,A2,A3` -> the runs of one recipe."""
+    specs = [s.strip() for s in text.split(",")]
+    if not all(specs):
+        raise UserError(f"'{text}': an empty run name in the comma-separated list")
+    if len(set(specs)) != len(specs):
+        raise UserError(f"'{text}' names a run twice: a recipe's runs must be different runs (seeds)")
+    return specs

@@ -1,0 +1,208 @@
+"""hmnist report on two tiny runs of the synthetic archive (a commit and an experiment): its
+sections, galleries, verdicts (those of `hmnist compare --json`), recipe rows, errors, and the
+page in a real browser with the network cut off."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from hmnist.config import CLASSES
+from hmnist.metrics import recipe_intervals
+from hmnist.report import gallery_rows
+from hmnist.runs import CHECKPOINT, PROB_COLUMNS, Run, read_run
+
+from conftest import BIN, make_project, run
+
+PER_KIND = 2
+RESAMPLES = "200"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, synthetic_zip) -> Path:
+    """A project with a committed run (HEAD, train.seed 0) and an experiment `seed1`."""
+    root = make_project(tmp_path_factory.mktemp("report") / "project", synthetic_zip)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["models"]["resnet9"]["epochs"] = 1
+    params["evaluate"]["bootstrap"] = 200
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "seed 0"], root)
+    run(["dvc", "exp", "run", "-n", "seed1", "-S", "train.seed=1"], root)
+    return root
+
+
+def hmnist(*args, cwd):
+    return run([str(BIN / "hmnist"), *map(str, args)], cwd, check=False)
+
+
+@pytest.fixture(scope="module")
+def page(two_runs) -> tuple[Path, str]:
+    result = hmnist("report", "HEAD", "seed1", "--gallery", PER_KIND, "--resamples", RESAMPLES, "--device", "cpu",
+                    cwd=two_runs)
+    assert result.returncode == 0, result.stderr
+    assert "wrote report.html" in result.stdout
+    path = two_runs / "report.html"
+    return path, path.read_text()
+
+
+def sections(text: str) -> list[str]:
+    return re.findall(r'<section class="run".*?</section>', text, flags=re.S)
+
+
+def test_sections_and_galleries(two_runs, page):
+    _, text = page
+    found = sections(text)
+    assert [re.search(r"<h2>Run (.*?)</h2>", s).group(1) for s in found] == ["HEAD", "seed1"]
+    for section, spec in zip(found, ["HEAD", "seed1"]):
+        assert section.count("<figcaption>") >= 4 and "no plots/" not in section  # the four plots
+        expected = gallery_rows(read_run(spec, str(two_runs)), PER_KIND)
+        for name in CLASSES:
+            gallery = re.search(rf'<div class="gallery" data-class="{name}">(.*?)</div>', section, flags=re.S).group(1)
+            assert gallery.count('class="example right"') == len(expected[name]["right"]), (spec, name)
+            assert gallery.count('class="example wrong"') == len(expected[name]["wrong"]), (spec, name)
+            assert gallery.count("<img") == 2 * sum(map(len, expected[name].values()))  # each beside its map
+        assert sum(len(rows) for kinds in expected.values() for rows in kinds.values()) > 0
+
+
+def test_self_contained(page):
+    _, text = page
+    assert "<script" not in text and "<link" not in text and "@import" not in text and "url(" not in text
+    sources = re.findall(r'(?:src|href)="([^"]*)"', text)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+
+
+def test_verdicts_are_those_of_compare(two_runs, page):
+    _, text = page
+    result = hmnist("compare", "HEAD", "seed1", "--json", "--resamples", RESAMPLES, cwd=two_runs)
+    assert result.returncode == 0, result.stderr
+    expected = json.loads(result.stdout)["metrics"]
+    rows = dict(re.findall(r'<tr class="verdict" data-metric="(\w+)">(.*?)</tr>', text, flags=re.S))
+    assert set(rows) == set(expected)
+    for metric, row in expected.items():
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[metric])
+        assert cells[3] == f"{row['difference']:+.4f}" and cells[5] == row["verdict"], (metric, cells)
+        assert cells[4] == f"[{row['low']:+.4f}, {row['high']:+.4f}]"
+    assert "one run per side" in text
+
+
+def test_recipe_row_and_params(two_runs):
+    from hmnist.report import report
+
+    text = report([["HEAD", "seed1"]], repo=str(two_runs), per_kind=1, resamples=200, device="cpu")
+    row = re.findall(r'<tr class="recipe">(.*?)</tr>', text, flags=re.S)
+    assert len(row) == 1 and len(sections(text)) == 2  # one row for the recipe, a section per run
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row[0])
+    header = re.findall(r"<th>(.*?)</th>", re.search(r'<table class="runs">(.*?)</tr>', text, flags=re.S).group(1))
+    assert "train.seed" in header and cells[header.index("train.seed")] == "0/1"
+    frames = [read_run(spec, str(two_runs)) for spec in ("HEAD", "seed1")]
+    labels = frames[0]["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    mean, low, high = recipe_intervals(labels, [f[PROB_COLUMNS].to_numpy(float) for f in frames],
+                                       frames[0]["lesion_id"].to_numpy(), 200, 0)["balanced_accuracy"]
+    assert cells[header.index("balanced_accuracy")] == f"{mean:.4f} [{low:.4f}, {high:.4f}]"
+    assert low <= mean <= high
+
+
+def test_missing_run_and_checkpoint(two_runs):
+    result = hmnist("report", "HEAD", "no-such-run", cwd=two_runs)
+    assert result.returncode == 2 and "'no-such-run' is not an experiment" in result.stderr
+    # HEAD's checkpoint gone from the DVC cache (never pulled); the workspace holds seed1's
+    cached = Run("HEAD", str(two_runs)).local_file(CHECKPOINT)
+    aside = cached.with_name(cached.name + ".aside")
+    cached.rename(aside)
+    try:
+        result = hmnist("report", "HEAD", "seed1", cwd=two_runs)
+    finally:
+        aside.rename(cached)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: HEAD's models/model.pt is not in the DVC cache") and \
+        "dvc exp pull" in result.stderr and "dvc pull" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- in a real browser ---------------------------------------------------------------------------
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const probe = {images: images.length,
+                 broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+                 resources: performance.getEntriesByType("resource").map(r => r.name)};
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify(probe);
+  document.body.appendChild(out);
+});
+</script></body>"""
+
+
+def chromium_offline() -> list[str]:
+    """The command prefix that runs headless Chromium cut off from the network; skips with the reason
+    when that cannot be had (the browser test must never pass without a browser)."""
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
+                   None)
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it as root)")
+    cut = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+    if cut.returncode != 0:
+        pytest.skip(f"cannot cut the network off for the browser (unshare -n: {cut.stderr.strip()})")
+    return ["unshare", "-n", browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--no-first-run", "--disable-extensions", "--disable-background-networking"]
+
+
+def open_offline(chromium: list[str], page: Path, netlog: Path) -> tuple[dict, list[str]]:
+    """Chromium's view of `page` after load (PROBE's findings), and every URL outside files that
+    asked the network for on the page's behalf (from its net log)."""
+    dom = subprocess.run([*chromium, f"--log-net-log={netlog}", "--virtual-time-budget=10000", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, flags=re.S)
+    assert found, f"no probe output from Chromium: {dom.stderr[-2000:]}"
+    log = json.loads(netlog.read_text())
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    # the page's requests carry its network isolation key (a file:// top frame); the browser's own
+    # (component updater, network time: off the network here anyway) carry none
+    urls = {e["params"]["url"] for e in log["events"] if e["type"] == start_job
+            and "file://" in e["params"].get("network_isolation_key", "")}
+    return (json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&")),
+            sorted(u for u in urls if not u.startswith(("file://", "data:"))))
+
+
+def test_in_a_browser_offline(page, tmp_path):
+    chromium = chromium_offline()
+    path, text = page
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("</body>", PROBE))
+    result, requested = open_offline(chromium, probe, tmp_path / "netlog.json")
+    assert result["images"] == text.count("<img") and result["images"] > 0
+    assert result["broken"] == [], result["broken"]
+    assert result["resources"] == []  # nothing fetched beside the page itself (data: URIs are not fetches)
+    assert requested == [], requested
+    # the control: the same page with one outside picture, which the net log must show asked for
+    control = tmp_path / "control.html"
+    control.write_text(text.replace("</body>", '<img alt="outside" src="http://hmnist.invalid/x.png">' + PROBE))
+    result, requested = open_offline(chromium, control, tmp_path / "control.json")
+    assert result["broken"] == ["outside"] and requested == ["http://hmnist.invalid/x.png"], (result, requested)
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([*chromium, f"--screenshot={shot}", "--window-size=1280,1600", path.as_uri()],
+                   capture_output=True, text=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
+    assert pixels.shape[:2] == (1600, 1280)
+    ink = (pixels.min(axis=2) < 200).mean()  # share of pixels that are not white or near it
+    colours = len(np.unique(pixels.reshape(-1, 3).astype(np.uint8), axis=0))
+    assert ink > 0.02 and pixels.std() > 10 and colours > 100, (ink, pixels.std(), colours)
+
+
+def test_headline_metrics_are_the_interval_ones():
+    from hmnist.metrics import INTERVAL_METRICS
+    from hmnist.report import HEADLINE
+
+    assert HEADLINE == (*INTERVAL_METRICS, "ece")
