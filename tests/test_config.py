@@ -1,11 +1,13 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO
-from hmnist.config import CLASSES, load_params, parse_params
+from hmnist.config import CLASSES, load_params, parse_params, user_path
 from hmnist.errors import UserError
 
 
@@ -122,3 +124,59 @@ def test_every_param_is_documented_in_the_readme():
         elif not key.startswith("models.") and not isinstance(value, list):
             assert rows[name] == str(value).lower() or yaml.safe_load(rows[name]) == value, (name, rows[name], value)
     assert not missing, f"params without a README row: {sorted(set(missing))}"
+
+
+# ---- a params file read while another run rewrites it ------------------------------------------
+
+def test_an_empty_params_file_is_one_line_naming_it(tmp_path):
+    for text in ("", "\n", "# only a comment\n"):
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(UserError, match=rf"^{tmp_path / 'params.yaml'} is empty \(is another dvc exp run "
+                                            r"rewriting it\? Run experiments side by side with dvc exp run --queue"):
+            load_params(tmp_path / "params.yaml")
+
+
+def test_a_half_written_params_file_never_crashes(tmp_path):
+    """Cut the real file at every third byte, as a run reading it mid-rewrite would: each read
+    gives the params or one line naming the file, never another exception."""
+    text = (REPO / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    errors = 0
+    for cut in range(0, len(text), 3):
+        path.write_text(text[:cut])
+        try:
+            load_params(path)
+        except UserError as e:
+            errors += 1
+            assert str(e).startswith(str(path)) and "\n" not in str(e), (cut, str(e))
+    assert errors > len(text) // 6  # most cuts lose a required key or break the YAML
+
+
+# ---- ~ and environment variables in paths ------------------------------------------------------
+
+def test_paths_expand_home_and_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HAM_DIR", "/data/ham")
+    assert user_path("~/datasets/ham10000.zip") == tmp_path / "datasets/ham10000.zip"
+    assert user_path("$HAM_DIR/ham.zip") == Path("/data/ham/ham.zip")
+    assert user_path("${HAM_DIR}/w.pth") == Path("/data/ham/w.pth")
+    assert user_path("relative/ham.zip") == Path("relative/ham.zip")
+
+
+def test_the_readme_data_source_example_parses_in_dvc(tmp_path, monkeypatch):
+    """The README's `dvc exp run -S` example goes through DVC's own override parser (what -S
+    calls) and lands in params.yaml as a path that hmnist expands. An unquoted ~ does not parse."""
+    from dvc.utils.hydra import apply_overrides
+
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"dvc exp run -S '(data\.source=\"~/[^\"]+\")'", readme)
+    assert example, "the README has no quoted ~ example for data.source"
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(params, [example.group(1)])
+    source = load_params(params).data.source
+    assert source == "~/datasets/ham10000.zip"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert user_path(source) == tmp_path / "datasets/ham10000.zip"
+    with pytest.raises(Exception, match="Invalid `--set-param` value"):
+        apply_overrides(params, ["data.source=~/datasets/ham10000.zip"])  # what the README said before

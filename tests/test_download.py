@@ -411,3 +411,15 @@ def test_cli_checks_params_before_any_work(tmp_path):
                             text=True, env=isolated_env(home), timeout=120)
     assert_user_error(result, r"unknown key 'data\.sorce'")
     assert not (project / "data").exists()
+
+
+def test_source_with_home_and_variables(synthetic_zip, tmp_path, monkeypatch):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets/ham.zip").write_bytes(synthetic_zip.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HAM_DATA", str(tmp_path / "datasets"))
+    for source in ("~/datasets/ham.zip", "$HAM_DATA/ham.zip"):
+        out = download(DataConfig(source=source), tmp_path / "raw" / "out.zip")
+        assert out.read_bytes() == synthetic_zip.read_bytes()
+    with pytest.raises(UserError, match=rf"data.source: {tmp_path}/datasets/none.zip does not exist"):
+        download(DataConfig(source="~/datasets/none.zip"), tmp_path / "raw" / "out.zip")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hmnist.config import DataConfig, load_params
+from hmnist.config import DataConfig, load_params, user_path
 from hmnist.data import ARCHIVE
 from hmnist.errors import UserError, cli
 
@@ -49,7 +49,7 @@ def download(data: DataConfig, out: Path) -> Path:
                        unreadable="run again", not_ham="check data.dataset in params.yaml")
             os.replace(downloaded, staged)
         else:
-            _from_local(Path(data.source), staged)
+            _from_local(user_path(data.source), staged)
         os.replace(staged, out)  # same folder, so an atomic rename
     return out
 
