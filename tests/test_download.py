@@ -423,3 +423,25 @@ def test_source_with_home_and_variables(synthetic_zip, tmp_path, monkeypatch):
         assert out.read_bytes() == synthetic_zip.read_bytes()
     with pytest.raises(UserError, match=rf"data.source: {tmp_path}/datasets/none.zip does not exist"):
         download(DataConfig(source="~/datasets/none.zip"), tmp_path / "raw" / "out.zip")
+
+
+def test_only_the_clients_no_credentials_exit_is_http_401(home, monkeypatch, tmp_path):
+    """The kaggle client exits after its help page when no credentials worked: that is Kaggle
+    rejecting them. Any other exit is reported in the client's own words, not as a 401."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    from hmnist.download import _authenticated_api
+
+    def exits(printed):
+        def authenticate(self):
+            print(printed)
+            raise SystemExit(1)
+        return authenticate
+
+    monkeypatch.setattr(KaggleApi, "authenticate", exits("Authentication required to call the Kaggle API."))
+    with pytest.raises(UserError, match=r"^Kaggle rejected the credentials \(HTTP 401\)"):
+        _authenticated_api(tmp_path)
+    monkeypatch.setattr(KaggleApi, "authenticate", exits("Invalid config file: expecting a mapping"))
+    with pytest.raises(UserError, match=r"^the kaggle client stopped while authenticating \(exit code 1\): "
+                                        r"Invalid config file: expecting a mapping$"):
+        _authenticated_api(tmp_path)

@@ -114,13 +114,23 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
     elif pretrained:
         _check_hub(config.arch)
+    if not pretrained:
+        return _create(config.arch, pretrained, img_size=config.resize, **kwargs)
+    import pickle
+
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors import SafetensorError
+
+    # what a weights file the user named can do wrong: not a weights file (truncated, another
+    # format), or another architecture's (load_state_dict's RuntimeError); and what the hub can:
+    # network and HTTP errors, a file missing from its repository, a corrupt download. Anything
+    # else (a TypeError in timm, say) is a bug and keeps its traceback.
+    file_errors = (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+    hub_errors = (OSError, httpx2.HTTPError, EntryNotFoundError, SafetensorError)
     try:
         return _create(config.arch, pretrained, img_size=config.resize, **kwargs)
-    except UserError:
-        raise
-    except Exception as e:
-        if not pretrained:
-            raise
+    except file_errors if config.pretrained_path else hub_errors as e:
         if config.pretrained_path:
             raise UserError(f"cannot load weights for {config.arch} from {config.pretrained_path}: "
                             f"{type(e).__name__}: {first_line(e)}") from None
