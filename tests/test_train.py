@@ -32,9 +32,9 @@ def params_for(synthetic_zip, **model):
     return parse_params(raw)
 
 
-# what ResNet9 reaches on the synthetic data in 6 epochs at 32 px, with a margin (measured: see
-# test_training_learns's printout)
-LEARNED = {"accuracy": 0.0, "balanced_accuracy": 0.0}
+# what ResNet9 reaches on the synthetic data in 6 epochs at 32 px, with a margin for another
+# machine's float order (measured here: see test_training_learns's printout)
+LEARNED = {"accuracy": 0.75, "balanced_accuracy": 0.7}  # measured 0.889 and 0.857
 
 
 def mechanics(synthetic_zip, **train) -> dict:
