@@ -1,11 +1,13 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO
-from hmnist.config import CLASSES, load_params, parse_params
+from hmnist.config import CLASSES, load_params, parse_params, user_path
 from hmnist.errors import UserError
 
 
@@ -50,6 +52,24 @@ def test_params_are_frozen():
     (lambda p: p["train"].update(ema_decay=1.0), "train.ema_decay must be in [0, 1)"),
     (lambda p: p["train"].update(clip_mode="max"), "train.clip_mode must be one of norm, value, agc"),
     (lambda p: p["train"].update(select="first"), "train.select must be one of last, best, smoothed"),
+    (lambda p: p["models"]["deit"].update(epochs=0), "models.deit.epochs must be at least 1"),
+    (lambda p: p["models"]["deit"].update(lr=0), "models.deit.lr must be positive"),
+    (lambda p: p["models"]["deit"].update(weight_decay=-1), "models.deit.weight_decay must be >= 0"),
+    (lambda p: p["models"]["deit"].update(drop_path_rate=1), "models.deit.drop_path_rate must be in [0, 1)"),
+    (lambda p: p["prepare"].update(workers=-1), "prepare.workers must be >= 0"),
+    (lambda p: p["train"].update(label_smoothing=1), "train.label_smoothing must be in [0, 1)"),
+    (lambda p: p["train"].update(warmup_epochs=-1), "train.warmup_epochs must be >= 0"),
+    (lambda p: p["train"].update(crop_area_min=0), "train.crop_area_min must be in (0, 1]"),
+    (lambda p: p["train"].update(color_jitter=1), "train.color_jitter must be in [0, 1)"),
+    (lambda p: p["train"].update(cutmix=-1), "train.cutmix must be >= 0 (a Beta alpha; 0 = off)"),
+    (lambda p: p["train"].update(clip_grad=-1), "train.clip_grad must be >= 0 (0 = off)"),
+    (lambda p: p["data"].update(dataset="ham10000"), "data.dataset must be owner/name"),
+    (lambda p: p["evaluate"].update(bootstrap=50), "evaluate.bootstrap must be 0 (no intervals) or at least 100 resamples"),
+    (lambda p: p["cv"].update(folds=21), "cv.folds must be between 1 and 20"),
+    (lambda p: p["cv"].update(other_folds=3), "cv.other_folds must be a list"),
+    (lambda p: p["cv"].update(folds=5), "cv.other_folds must be [1, 2, 3, 4] for cv.folds=5 (one train_fold stage each; "
+                                        "DVC cannot count to cv.folds by itself): dvc exp run -S cv.folds=5 "
+                                        "-S 'cv.other_folds=[1,2,3,4]'"),
 ])
 def test_bad_params_name_the_key(edit, message):
     params = real()
@@ -58,6 +78,12 @@ def test_bad_params_name_the_key(edit, message):
         parse_params(params)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_missing_params_file_says_where_to_run(tmp_path):
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'params.yaml'} not found: run from the project root "
+                                        r"\(where dvc.yaml is\)$"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_int_accepted_for_float():
@@ -122,3 +148,59 @@ def test_every_param_is_documented_in_the_readme():
         elif not key.startswith("models.") and not isinstance(value, list):
             assert rows[name] == str(value).lower() or yaml.safe_load(rows[name]) == value, (name, rows[name], value)
     assert not missing, f"params without a README row: {sorted(set(missing))}"
+
+
+# ---- a params file read while another run rewrites it ------------------------------------------
+
+def test_an_empty_params_file_is_one_line_naming_it(tmp_path):
+    for text in ("", "\n", "# only a comment\n"):
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(UserError, match=rf"^{tmp_path / 'params.yaml'} is empty \(is another dvc exp run "
+                                            r"rewriting it\? Run experiments side by side with dvc exp run --queue"):
+            load_params(tmp_path / "params.yaml")
+
+
+def test_a_half_written_params_file_never_crashes(tmp_path):
+    """Cut the real file at every 11th byte, as a run reading it mid-rewrite would: each read
+    gives the params or one line naming the file, never another exception."""
+    text = (REPO / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    errors = 0
+    for cut in range(0, len(text), 11):
+        path.write_text(text[:cut])
+        try:
+            load_params(path)
+        except UserError as e:
+            errors += 1
+            assert str(e).startswith(str(path)) and "\n" not in str(e), (cut, str(e))
+    assert errors > len(text) // 22  # most cuts lose a required key or break the YAML
+
+
+# ---- ~ and environment variables in paths ------------------------------------------------------
+
+def test_paths_expand_home_and_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HAM_DIR", "/data/ham")
+    assert user_path("~/datasets/ham10000.zip") == tmp_path / "datasets/ham10000.zip"
+    assert user_path("$HAM_DIR/ham.zip") == Path("/data/ham/ham.zip")
+    assert user_path("${HAM_DIR}/w.pth") == Path("/data/ham/w.pth")
+    assert user_path("relative/ham.zip") == Path("relative/ham.zip")
+
+
+def test_the_readme_data_source_example_parses_in_dvc(tmp_path, monkeypatch):
+    """The README's `dvc exp run -S` example goes through DVC's own override parser (what -S
+    calls) and lands in params.yaml as a path that hmnist expands. An unquoted ~ does not parse."""
+    from dvc.utils.hydra import apply_overrides
+
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"dvc exp run -S '(data\.source=\"~/[^\"]+\")'", readme)
+    assert example, "the README has no quoted ~ example for data.source"
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(params, [example.group(1)])
+    source = load_params(params).data.source
+    assert source == "~/datasets/ham10000.zip"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert user_path(source) == tmp_path / "datasets/ham10000.zip"
+    with pytest.raises(Exception, match="Invalid `--set-param` value"):
+        apply_overrides(params, ["data.source=~/datasets/ham10000.zip"])  # what the README said before

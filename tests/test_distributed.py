@@ -4,6 +4,7 @@ Every multi-process test keeps to tiny models and one thread per process: CI has
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights
 from hmnist.errors import UserError
 from hmnist.prepare import prepare
 from hmnist.split import assign_folds, split_lesions, write_split
+from hmnist.train import main as train_main
 from hmnist.train import train
 
 
@@ -201,15 +203,53 @@ def test_a_killed_rank_ends_the_stage_with_one_line(stage_dir):
     assert "Traceback" not in err
 
 
-def test_a_user_error_in_every_worker_is_reported_once(tmp_path, synthetic_zip):
-    raw = tiny_params(synthetic_zip)
-    raw["train"]["devices"] = 2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))  # and no data: every rank fails alike
-    stage = start_stage(tmp_path)
+def test_a_user_error_in_every_worker_is_reported_once(stage_dir):
+    shutil.rmtree(stage_dir / "data/prepared")  # the split is there (the launcher checks it), the cache is not
+    stage = start_stage(stage_dir)
     _, err = stage.communicate(timeout=120)
     assert stage.returncode == 2
+    assert "training in 2 CPU processes (gloo)" in err  # the workers found it, not the launcher
     assert [line for line in err.splitlines() if "error" in line.lower()] == \
-        ["error: data/split.csv not found: run `dvc repro split` first"], err
+        ["error: data/prepared/images.npy not found: run the prepare stage first (dvc repro prepare)"], err
+
+
+def test_workers_die_with_a_killed_launcher(stage_dir):
+    import psutil
+
+    stage = start_stage(stage_dir)
+    workers = lambda: [p for p in psutil.Process(stage.pid).children(recursive=True) if "RANK" in p.environ()]  # noqa: E731
+    wait_for(lambda: any((stage_dir / "models/.resume").glob("*.pt")), 240, stage)  # training is under way
+    found = workers()
+    assert len(found) == 2 and {p.ppid() for p in found} == {stage.pid}  # torchrun's workers: the launcher's children
+    stage.kill()  # as the out-of-memory killer would: no chance to stop the workers
+    stage.wait()
+    gone, alive = psutil.wait_procs(found, timeout=15)
+    for p in alive:
+        p.kill()
+    assert alive == [], f"workers outlived their launcher: {[p.pid for p in alive]}"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"train": {"devices": 64}}, "train.devices is 64 but this machine has 2 CPU core(s): on the CPU, use at most "
+                                 "one process per core (train.devices: 2 or less)"),
+    ({"models": {"resnet9": {"batch_size": 1}}}, "a batch of 1 cannot be shared by 2 processes: raise "
+                                                "models.resnet9.batch_size or lower train.devices"),
+])
+def test_a_run_that_cannot_work_stops_before_any_worker_starts(setting, message, stage_dir, monkeypatch, capsys):
+    import torch.distributed.run
+
+    raw = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    for section, values in setting.items():
+        target = raw[section] if section != "models" else raw["models"]["resnet9"]
+        target.update(values if section != "models" else values["resnet9"])
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(stage_dir)
+    monkeypatch.setattr(distributed, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(torch.distributed.run, "run", lambda args: pytest.fail("workers were started"))
+    with pytest.raises(SystemExit) as exit:
+        train_main([])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_user_errors_of_the_devices_setting(synthetic_zip, monkeypatch):
@@ -225,7 +265,10 @@ def test_user_errors_of_the_devices_setting(synthetic_zip, monkeypatch):
         parse_params(raw)
     with pytest.raises(UserError, match="train.devices is all but no CUDA GPU is visible"):
         distributed.process_count("all", "cpu")
+    monkeypatch.setattr(distributed, "cpu_cores", lambda: 3)
     assert distributed.process_count(3, "cpu") == 3
+    with pytest.raises(UserError, match="train.devices is 4 but this machine has 3 CPU core"):
+        distributed.process_count(4, "cpu")
 
 
 # -- one GPU per run ------------------------------------------------------------------------
@@ -273,3 +316,13 @@ def test_concurrent_runs_spread_over_gpus_and_the_rest_wait(tmp_path):
     for r in (runs[1], third):
         r.stdin.close()
         assert r.wait(timeout=30) == 0
+
+
+def test_only_a_lost_peer_counts_as_one():
+    lost = [torch.distributed.DistNetworkError("connection to rank 1 lost"),
+            RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234"),
+            RuntimeError("[gloo/transport/tcp/pair.cc:598] Read error [127.0.0.1]:2: Connection reset by peer")]
+    bugs = [RuntimeError("gloo does not support this dtype"), RuntimeError("NCCL error: invalid argument"),
+            ValueError("Connection closed by peer")]
+    assert [distributed._peer_lost(e) for e in lost] == [True] * 3
+    assert [distributed._peer_lost(e) for e in bugs] == [False] * 3

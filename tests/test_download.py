@@ -411,3 +411,37 @@ def test_cli_checks_params_before_any_work(tmp_path):
                             text=True, env=isolated_env(home), timeout=120)
     assert_user_error(result, r"unknown key 'data\.sorce'")
     assert not (project / "data").exists()
+
+
+def test_source_with_home_and_variables(synthetic_zip, tmp_path, monkeypatch):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets/ham.zip").write_bytes(synthetic_zip.read_bytes())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HAM_DATA", str(tmp_path / "datasets"))
+    for source in ("~/datasets/ham.zip", "$HAM_DATA/ham.zip"):
+        out = download(DataConfig(source=source), tmp_path / "raw" / "out.zip")
+        assert out.read_bytes() == synthetic_zip.read_bytes()
+    with pytest.raises(UserError, match=rf"data.source: {tmp_path}/datasets/none.zip does not exist"):
+        download(DataConfig(source="~/datasets/none.zip"), tmp_path / "raw" / "out.zip")
+
+
+def test_only_the_clients_no_credentials_exit_is_http_401(home, monkeypatch, tmp_path):
+    """The kaggle client exits after its help page when no credentials worked: that is Kaggle
+    rejecting them. Any other exit is reported in the client's own words, not as a 401."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    from hmnist.download import _authenticated_api
+
+    def exits(printed):
+        def authenticate(self):
+            print(printed)
+            raise SystemExit(1)
+        return authenticate
+
+    monkeypatch.setattr(KaggleApi, "authenticate", exits("Authentication required to call the Kaggle API."))
+    with pytest.raises(UserError, match=r"^Kaggle rejected the credentials \(HTTP 401\)"):
+        _authenticated_api(tmp_path)
+    monkeypatch.setattr(KaggleApi, "authenticate", exits("Invalid config file: expecting a mapping"))
+    with pytest.raises(UserError, match=r"^the kaggle client stopped while authenticating \(exit code 1\): "
+                                        r"Invalid config file: expecting a mapping$"):
+        _authenticated_api(tmp_path)

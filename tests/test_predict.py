@@ -364,3 +364,30 @@ def test_explain_writes_each_images_map(trained, model, images, tmp_path, capsys
     written = np.asarray(Image.open(maps / f"{frame['image'][0]}.png"))
     assert written.shape == (model.prepare_size, model.prepare_size, 3)
     assert np.abs(written.astype(int) - overlay(image, heat)).max() <= 1
+def test_a_folder_as_checkpoint_says_so(trained, images, tmp_path, capsys):
+    line = main_error(capsys, "--checkpoint", str(trained / "models"), str(images))
+    assert line == f"error: checkpoint {trained / 'models'} is a folder: give one of its checkpoints, " \
+                   f"e.g. {trained / 'models/model.pt'}"
+    (tmp_path / "empty").mkdir()
+    line = main_error(capsys, "--checkpoint", str(tmp_path / "empty"), str(images))
+    assert line == f"error: checkpoint {tmp_path / 'empty'} is a folder, with no .pt checkpoint in it"
+
+
+def test_moving_the_model_fails_as_itself(trained, monkeypatch):
+    """A full GPU is the user's to fix (one line); a CUDA fault is not a damaged checkpoint, and
+    keeps its traceback."""
+    faults = iter([torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device):
+            raise next(faults)
+        return self
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    path = trained / "models/model.pt"
+    with pytest.raises(UserError, match=rf"^out of GPU memory moving the model of {path} to cpu: free the GPU"):
+        hmnist.load(path, device="cpu")
+    with pytest.raises(RuntimeError, match="illegal memory access") as error:
+        hmnist.load(path, device="cpu")
+    assert not isinstance(error.value, UserError)

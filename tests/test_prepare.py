@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from hmnist.prepare import prepare
 from hmnist.synthetic import METADATA, image_folder
 
 from conftest import tiny_params
+from faults import dying_decoder
 
 SIZE = 32
 
@@ -282,3 +286,116 @@ def test_cli_reports_bad_input_in_one_line(case, stage_dir, synthetic_zip):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert not (stage_dir / "data/prepared/images.npy").exists()
+
+
+# ---- faults: a worker killed or raising, a full disk. None may hang -------------------------
+# The hang these guard against showed up only with another process on the cores, so each runs
+# several times beside a CPU hog, each attempt under a deadline.
+
+ATTEMPTS = 5
+CLI_ATTEMPTS = 3  # each starts Python and numpy: seconds on a loaded machine
+DEADLINE = 60  # seconds for one attempt; a healthy one takes about one on a loaded machine
+
+
+@pytest.fixture
+def cpu_hog():
+    """One busy process per core for the test's duration."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+
+
+@pytest.mark.timeout(ATTEMPTS * DEADLINE)
+@pytest.mark.parametrize("action, error, message", [("kill", UserError, "a decoding process died before prepare finished"),
+                                                    ("raise", RuntimeError, "a bug in the decoder")])
+def test_a_worker_killed_or_raising_mid_run_ends_the_stage_at_once(action, error, message, cpu_hog, synthetic_zip,
+                                                                   tmp_path, monkeypatch):
+    for attempt in range(ATTEMPTS):
+        out = tmp_path / str(attempt)
+        monkeypatch.setattr(prepare_module, "decode_image", dying_decoder(tmp_path / f"flag{attempt}", 5 + 7 * attempt, action))
+        started = time.monotonic()
+        with pytest.raises(error, match=message):  # a bug keeps its own exception, and so its traceback
+            prepare(synthetic_zip, out, size=SIZE, workers=2)
+        assert time.monotonic() - started < DEADLINE / 2
+        assert (tmp_path / f"flag{attempt}").exists()  # a worker did die or raise
+        assert_no_output(out)
+
+
+KILLING_STAGE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import hmnist.prepare
+from faults import dying_decoder
+hmnist.prepare.decode_image = dying_decoder(Path("flag"), 9, "kill")
+hmnist.prepare.main()
+"""
+
+
+@pytest.mark.timeout(CLI_ATTEMPTS * DEADLINE)
+@pytest.mark.parametrize("case", ["killed_worker", "corrupt_jpeg"])
+def test_cli_reports_a_failed_worker_in_one_line(case, cpu_hog, stage_dir, synthetic_zip):
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    params["prepare"]["workers"] = 2
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    archive = stage_dir / "data/raw/skin-cancer-mnist-ham10000.zip"
+    if case == "killed_worker":
+        shutil.copy(synthetic_zip, archive)
+        command = [sys.executable, "-c", KILLING_STAGE.format(tests=str(Path(__file__).parent))]
+        message = "error: a decoding process died before prepare finished"
+    else:
+        _corrupt_jpeg(synthetic_zip, archive)
+        command = [sys.executable, "-m", "hmnist.prepare"]
+        message = "error: cannot decode image"
+    for attempt in range(CLI_ATTEMPTS):
+        (stage_dir / "flag").unlink(missing_ok=True)
+        result = subprocess.run(command, cwd=stage_dir, capture_output=True, text=True, timeout=DEADLINE)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(message), result.stderr
+        assert_no_output(stage_dir / "data/prepared")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs, where this test may mount one (root, and a kernel that lets it)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.timeout(ATTEMPTS * DEADLINE)
+def test_a_full_disk_is_one_line_before_decoding_and_leaves_nothing(cpu_hog, small_disk, synthetic_zip, stage_dir):
+    needed = len(metadata(synthetic_zip)) * 64 * 64 * 3 / 1e6  # at size 64, about twice what the disk holds
+    for attempt in range(ATTEMPTS):
+        with pytest.raises(UserError, match=rf"^no space left on device: the cache needs {needed:.1f} MB in "
+                                            rf"{small_disk}, 1\.0 MB are free"):
+            prepare(synthetic_zip, small_disk, size=64, workers=2)
+        assert_no_output(small_disk)
+    # the command line, as the issue found it: in one line, with the stage's own folder
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    params["prepare"]["size"] = 64
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(synthetic_zip, stage_dir / "data/raw/skin-cancer-mnist-ham10000.zip")
+    (stage_dir / "data/prepared").symlink_to(small_disk)
+    result = subprocess.run([sys.executable, "-m", "hmnist.prepare"], cwd=stage_dir, capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        f"error: no space left on device: the cache needs {needed:.1f} MB in data/prepared"), result.stderr
+    assert_no_output(small_disk)
+
+
+def test_a_disk_that_fills_after_the_check_is_the_same_one_line(synthetic_zip, small_disk, monkeypatch):
+    # another process takes the space between the free-space check and the allocation
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    with pytest.raises(UserError, match=rf"^no space left on device: the cache needs .* MB in {small_disk}"):
+        prepare(synthetic_zip, small_disk, size=64, workers=1)
+    assert_no_output(small_disk)

@@ -72,3 +72,27 @@ def test_stage_needs_prepare(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hmnist.split"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: data/prepared/index.csv not found")
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_fold_split_never_trains_a_fold_on_its_own_validation_images(meta, k):
+    from hmnist.data import fold_split
+    from hmnist.split import assign_folds
+
+    split = split_lesions(meta, SplitConfig())
+    folds = assign_folds(split, k, seed=0)
+    non_test = set(split.loc[split["split"] != "test", "image_id"])
+    held_out = set()
+    for fold in range(k):
+        seen = fold_split(split, folds, fold)
+        by_split = {name: set(seen.loc[seen["split"] == name, "image_id"]) for name in ("train", "val", "test")}
+        assert by_split["val"] == set(folds.loc[folds["fold"] == fold, "image_id"])
+        assert not by_split["val"] & by_split["train"]
+        assert by_split["train"] | by_split["val"] == non_test  # nothing lost, nothing from the test split
+        assert by_split["test"] == set(split.loc[split["split"] == "test", "image_id"])
+        lesions = seen.groupby("lesion_id")["split"].nunique()
+        assert lesions.max() == 1  # no lesion's photos on both sides
+        held_out |= by_split["val"]
+    assert held_out == (non_test if k > 1 else set(split.loc[split["split"] == "val", "image_id"]))
+    if k == 1:  # one fold: the split itself
+        assert fold_split(split, folds, 0)["split"].tolist() == split["split"].tolist()

@@ -6,6 +6,7 @@ stage that runs, with one line naming the key, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -274,6 +275,11 @@ def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
     return params
 
 
+# Two `dvc exp run` in one workspace rewrite params.yaml under each other: a stage can read it
+# empty or cut short. The README says how to run experiments side by side instead.
+REWRITTEN = "is another dvc exp run rewriting it? Run experiments side by side with dvc exp run --queue"
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate the whole params file; raises UserError naming the bad key."""
     path = Path(path)
@@ -281,10 +287,19 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{path} not found: run from the project root (where dvc.yaml is)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise UserError(f"{path} is empty ({REWRITTEN})")
     return parse_params(data, str(path))
+
+
+def user_path(text: str) -> Path:
+    """A path written in params.yaml, with `~` and $VARIABLES expanded as a shell would."""
+    return Path(os.path.expandvars(os.path.expanduser(text)))

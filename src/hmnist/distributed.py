@@ -13,12 +13,14 @@ kernel releases it when the process ends, crash or kill -9 included.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,7 +33,8 @@ import torch.nn as nn
 
 from hmnist.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, first_line
 
-LAUNCHED = "HMNIST_LAUNCHED"  # set by `launch` for its workers: they leave error reports to it
+LAUNCHED = "HMNIST_LAUNCHED"  # the launcher's pid, set by `launch` for its workers: they leave error reports to it
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EXIT_PEER_LOST = 3  # a worker whose collective failed because another worker had already gone
 # how long a rank waits in a collective for the others: longer than any validation on rank 0,
 # short enough that a worker on another machine that hangs does not hold the rest for ever
@@ -70,6 +73,12 @@ def process_count(devices: int | str, device: str) -> int:
             raise UserError("train.devices is all but no CUDA GPU is visible: give a number of processes "
                             "(on the CPU: train.devices: 2 with train.device: cpu)")
         return torch.cuda.device_count()
+    cores = cpu_cores()
+    if devices > cores and (device == "cpu" or not torch.cuda.is_available()):
+        # each process holds a model, its optimizer and the whole cache: more than the cores
+        # only adds memory (64 of them filled 24 GB) and contention, never speed
+        raise UserError(f"train.devices is {devices} but this machine has {cores} CPU core(s): "
+                        f"on the CPU, use at most one process per core (train.devices: {cores} or less)")
     return int(devices)
 
 
@@ -96,7 +105,7 @@ def launch(module: str, processes: int, device: str, module_args: list[str] | tu
         print(f"training in {processes} CPU processes (gloo)", file=sys.stderr)
     # torchrun would set 1 and say so: split the cores between the workers instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    os.environ[LAUNCHED] = "1"
+    os.environ[LAUNCHED] = str(os.getpid())
     if "LOGLEVEL" not in os.environ:  # torchrun's own many-line report of a failure: ours is one line
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed"):
@@ -110,7 +119,36 @@ def launch(module: str, processes: int, device: str, module_args: list[str] | tu
             raise KeyboardInterrupt from None
         raise UserError(f"stopped by {e.sigval.name}") from None
     except ChildFailedError as e:
+        print(file=sys.stderr)  # rank 0's progress bar may have stopped mid-line: the report gets its own
         raise failure_report(e.failures) from None
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (taskset and cgroup cpusets included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def die_with_launcher(launcher: int) -> None:
+    """End this worker when its launcher ends, however that happens: a launcher killed by
+    SIGKILL or the out-of-memory killer cannot stop its workers, which would train on as
+    orphans. On Linux the kernel sends SIGKILL (prctl PR_SET_PDEATHSIG); elsewhere a thread
+    watches the parent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == launcher:
+                time.sleep(1)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, daemon=True, name="die-with-launcher").start()
+    if os.getppid() != launcher:  # it was gone before the kernel was told
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def failure_report(failures: dict[int, Any]) -> BaseException:
@@ -139,6 +177,8 @@ def worker(device: str) -> Iterator[Ranks]:
     if world == 1:
         yield Ranks()
         return
+    if os.environ.get(LAUNCHED, "").isdigit():
+        die_with_launcher(int(os.environ[LAUNCHED]))
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -170,10 +210,16 @@ def worker(device: str) -> Iterator[Ranks]:
             dist.destroy_process_group()
 
 
+# What gloo's TCP transport says when the other end of a pair went away; NCCL's lost peers
+# and every timeout come as torch.distributed.DistError.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
 def _peer_lost(e: BaseException) -> bool:
-    """A collective that failed because another rank is gone (gloo raises a plain RuntimeError)."""
-    return isinstance(e, dist.DistError) or (
-        isinstance(e, RuntimeError) and any(s in str(e) for s in ("gloo", "NCCL", "Connection reset", "Connection closed")))
+    """A collective that failed because another rank is gone (gloo raises a plain RuntimeError).
+    Any other error naming gloo or NCCL (a wrong dtype, an invalid argument) is a bug: it keeps
+    its traceback."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_GONE))
 
 
 # -- one run over several processes --------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hmnist.config import DataConfig, load_params
+from hmnist.config import DataConfig, load_params, user_path
 from hmnist.data import ARCHIVE
 from hmnist.errors import UserError, cli
 
@@ -32,6 +32,7 @@ METADATA = "HAM10000_metadata.csv"  # at the top level of the Kaggle zip; its ab
 ENDPOINT_VARIABLE = "HMNIST_KAGGLE_ENDPOINT"
 KAGGLE_API = "https://api.kaggle.com"
 TOKEN_PAGE = "https://www.kaggle.com/settings"
+AUTH_HELP = "Authentication required"  # how the client's help begins when no credentials worked
 
 
 def download(data: DataConfig, out: Path) -> Path:
@@ -49,7 +50,7 @@ def download(data: DataConfig, out: Path) -> Path:
                        unreadable="run again", not_ham="check data.dataset in params.yaml")
             os.replace(downloaded, staged)
         else:
-            _from_local(Path(data.source), staged)
+            _from_local(user_path(data.source), staged)
         os.replace(staged, out)  # same folder, so an atomic rename
     return out
 
@@ -192,10 +193,14 @@ def _authenticated_api(config_dir: Path):
     try:
         with contextlib.redirect_stdout(said):  # on failure it prints its help page, then exits
             api.authenticate()
-    except SystemExit:
-        # It exits only when no method worked; we saw credentials, so Kaggle rejected them (a token
-        # is checked with Kaggle here; a kaggle.json key only with the download itself).
-        raise UserError(_refusal(401, "")) from None
+    except SystemExit as e:
+        if AUTH_HELP in said.getvalue():
+            # no method worked, and we saw credentials: Kaggle rejected them (a token is checked
+            # with Kaggle here; a kaggle.json key only with the download itself)
+            raise UserError(_refusal(401, "")) from None
+        # another of the client's exits: say what it said rather than guess at a cause
+        words = next((line.strip() for line in said.getvalue().splitlines() if line.strip()), "no message")
+        raise UserError(f"the kaggle client stopped while authenticating (exit code {e.code}): {words}") from None
     print(said.getvalue(), end="")  # e.g. its warning that kaggle.json is readable by other users
     return api
 

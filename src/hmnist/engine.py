@@ -240,16 +240,26 @@ def epoch_batches(
         yield order[start:start + batch_size]
 
 
-def inference_model(checkpoint: dict, device: torch.device) -> tuple[nn.Module, ModelInput]:
+def inference_model(checkpoint: dict, device: torch.device,
+                    source: str = "the checkpoint") -> tuple[nn.Module, ModelInput]:
     """A checkpoint's model on `device` and its preprocessing, exactly as evaluation uses them:
-    evaluate and predict both come through here, so their probabilities match."""
-    from hmnist.models import model_from_checkpoint
+    evaluate and predict both come through here, so their probabilities match. A damaged
+    checkpoint, or a GPU too full for the model, is a UserError naming `source`; any other
+    error while moving the model (a CUDA fault) keeps its traceback."""
+    from hmnist.models import damaged_checkpoint, model_from_checkpoint
 
-    arch = checkpoint["model_config"]["arch"]
-    model = model_from_checkpoint(checkpoint).to(device).to(memory_format=memory_format(device, arch))
-    model_input = ModelInput(int(checkpoint["input_size"]), tuple(checkpoint["mean"]), tuple(checkpoint["std"]), device,
-                             arch)
-    return model, model_input
+    model = model_from_checkpoint(checkpoint, source)
+    arch = checkpoint["model_config"]["arch"]  # read by model_from_checkpoint: present
+    try:
+        size, mean, std = int(checkpoint["input_size"]), tuple(checkpoint["mean"]), tuple(checkpoint["std"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise damaged_checkpoint(source, e) from None
+    try:
+        model = model.to(device).to(memory_format=memory_format(device, arch))
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of GPU memory moving the model of {source} to {device}: free the GPU "
+                        f"(other processes?) or run on the CPU (--device cpu, or train.device: cpu)") from None
+    return model, ModelInput(size, mean, std, device, arch)
 
 
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:

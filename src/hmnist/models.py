@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from hmnist.config import CLASSES, ModelConfig
+from hmnist.config import CLASSES, ModelConfig, user_path
 from hmnist.errors import UserError, first_line
 
 CHECKPOINT_FORMAT = "hmnist-checkpoint"
@@ -107,7 +107,7 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
     if pretrained and config.pretrained_path:
-        path = Path(config.pretrained_path)
+        path = user_path(config.pretrained_path)
         if not path.is_file():
             raise UserError(f"pretrained_path {path} does not exist")
         # timm loads the file as it would the hub's: the 1000-class head is dropped and
@@ -117,13 +117,23 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
         return _from_package(config.arch, config.resize, **kwargs)
     elif pretrained:
         _check_hub(config.arch)
+    if not pretrained:
+        return _create(config.arch, pretrained, img_size=config.resize, **kwargs)
+    import pickle
+
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors import SafetensorError
+
+    # what a weights file the user named can do wrong: not a weights file (truncated, another
+    # format), or another architecture's (load_state_dict's RuntimeError); and what the hub can:
+    # network and HTTP errors, a file missing from its repository, a corrupt download. Anything
+    # else (a TypeError in timm, say) is a bug and keeps its traceback.
+    file_errors = (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+    hub_errors = (OSError, httpx2.HTTPError, EntryNotFoundError, SafetensorError)
     try:
         return _create(config.arch, pretrained, img_size=config.resize, **kwargs)
-    except UserError:
-        raise
-    except Exception as e:
-        if not pretrained:
-            raise
+    except file_errors if config.pretrained_path else hub_errors as e:
         if config.pretrained_path:
             raise UserError(f"cannot load weights for {config.arch} from {config.pretrained_path}: "
                             f"{type(e).__name__}: {first_line(e)}") from None
@@ -292,6 +302,10 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint as untrusted input: weights_only unpickling, format checked."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        hint = f": give one of its checkpoints, e.g. {path / inside[0]}" if inside else ", with no .pt checkpoint in it"
+        raise UserError(f"checkpoint {path} is a folder{hint}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: train one with `dvc repro train`")
     try:
@@ -308,11 +322,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
-    config = ModelConfig(**checkpoint["model_config"])
-    model = create_model(config, num_classes=len(checkpoint["classes"]), pretrained=False)
-    model.load_state_dict(checkpoint["state_dict"])
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "the checkpoint") -> nn.Module:
+    """The checkpoint's model, on the CPU. Fields or weights that do not fit the model mean the
+    file is damaged (or edited by hand): a UserError naming `source`."""
+    try:
+        config = ModelConfig(**checkpoint["model_config"])
+        classes = len(checkpoint["classes"])
+    except (KeyError, TypeError) as e:
+        raise damaged_checkpoint(source, e) from None
+    model = create_model(config, num_classes=classes, pretrained=False)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing keys, mismatched shapes
+        raise damaged_checkpoint(source, e) from None
     return model.eval()
+
+
+def damaged_checkpoint(source: str | Path, e: BaseException) -> UserError:
+    return UserError(f"{source} is a damaged hmnist checkpoint: {type(e).__name__} {first_line(e, '')}".rstrip())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -108,7 +108,7 @@ class _Member:
 
     def __init__(self, path: Path, device: torch.device):
         from hmnist.engine import inference_model
-        from hmnist.models import load_checkpoint
+        from hmnist.models import damaged_checkpoint, load_checkpoint
 
         self.path = path
         state = load_checkpoint(path)
@@ -116,13 +116,10 @@ class _Member:
             self.classes = list(state["classes"])
             self.model_name, self.arch = str(state["model_name"]), str(state["arch"])
             self.input_size, self.prepare_size = int(state["input_size"]), int(state["prepare_size"])
-            self.model, self.model_input = inference_model(state, device)
-        except UserError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            # right format tag but missing fields or mismatched weights: damaged, or edited by hand
-            raise UserError(f"{path} is a damaged hmnist checkpoint: "
-                            f"{type(e).__name__} {first_line(e, '')}".rstrip()) from None
+        except (KeyError, TypeError, ValueError) as e:
+            # right format tag but missing fields: damaged, or edited by hand
+            raise damaged_checkpoint(path, e) from None
+        self.model, self.model_input = inference_model(state, device, str(path))
         if tuple(self.classes) != CLASSES:
             # the submission's columns are ISIC 2018's classes in ISIC 2018's order
             raise UserError(f"{path} predicts classes {', '.join(self.classes)}, "

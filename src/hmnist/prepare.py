@@ -12,13 +12,17 @@ evaluated on.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import multiprocessing
 import os
+import shutil
 import signal
 import zipfile
 import zlib
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -117,14 +121,17 @@ def prepare(archive_path: str | Path, out_dir: str | Path, size: int = 224, work
     out_dir.mkdir(parents=True, exist_ok=True)
     images_tmp, index_tmp = out_dir / (IMAGES_FILE + ".partial"), out_dir / (INDEX_FILE + ".partial")
     try:
-        np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3)).flush()
+        offset = _create_cache(images_tmp, (len(rows), size, size, 3))
         tasks = [(start, [(r["image_id"], m) for r, m in zip(rows[start:start + CHUNK], members[start:start + CHUNK])])
                  for start in range(0, len(rows), CHUNK)]
-        _decode_all(tasks, len(rows), archive_path, images_tmp, size, workers, progress)
-        with open(index_tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "label"], lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
+        _decode_all(tasks, len(rows), archive_path, images_tmp, offset, size, workers, progress)
+        try:
+            with open(index_tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "label"], lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(rows)
+        except OSError as e:
+            raise UserError(f"cannot write {index_tmp.with_suffix('')}: {e.strerror or e}") from None
         os.replace(images_tmp, images_path)
         os.replace(index_tmp, index_path)
     finally:
@@ -133,12 +140,47 @@ def prepare(archive_path: str | Path, out_dir: str | Path, size: int = 224, work
     return rows
 
 
-def _decode_all(tasks, total, archive_path, images_path, size, workers, progress) -> None:
+def _create_cache(path: Path, shape: tuple[int, ...]) -> int:
+    """An .npy file of `shape` uint8 with its whole size allocated on disk; returns where the
+    pixels start. The workers fill it with plain writes at known offsets, never through a
+    memory map: a write to a mapped page the disk has no room for kills the process with
+    SIGBUS, no message, where a write() returns ENOSPC. Allocating first makes a full disk
+    fail here, in a second, instead of after minutes of decoding."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    needed = header.tell() + int(np.prod(shape))
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise UserError(_no_space(path.parent, needed, free))
+    try:
+        with open(path, "wb") as f:
+            f.write(header.getvalue())
+            f.flush()
+            try:
+                os.posix_fallocate(f.fileno(), 0, needed)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                f.truncate(needed)  # a filesystem without allocation: a write may still say ENOSPC later
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(_no_space(path.parent, needed, shutil.disk_usage(path.parent).free)) from None
+        raise UserError(f"cannot write {path.with_suffix('')}: {e.strerror or e}") from None
+    return header.tell()
+
+
+def _no_space(folder: Path, needed: int, free: int) -> str:
+    return (f"no space left on device: the cache needs {needed / 1e6:.1f} MB in {folder}, "
+            f"{max(free, 0) / 1e6:.1f} MB are free (a smaller prepare.size needs less)")
+
+
+def _decode_all(tasks, total, archive_path, images_path, offset, size, workers, progress) -> None:
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     bar = tqdm(total=total, unit="img", desc="prepare", disable=None if progress is None else not progress)
+    setup = (archive_path, images_path, offset, size)
     with bar:
         if workers == 1:  # in this process: the same code, without a pool's start-up
-            _start_worker(archive_path, images_path, size, ignore_sigint=False)
+            _start_worker(*setup, ignore_sigint=False)
             try:
                 for count, error in map(_decode_chunk, tasks):
                     _raise_if(error)
@@ -147,46 +189,76 @@ def _decode_all(tasks, total, archive_path, images_path, size, workers, progress
                 _stop_worker()
             return
         # Each worker opens the zip and the output itself and writes its images straight into
-        # the shared memory-mapped file: nothing but member names and counts crosses processes
-        # (measured faster than returning arrays; see BENCHMARKS.md).
-        with multiprocessing.Pool(workers, _start_worker, (archive_path, images_path, size, True)) as pool:
-            for count, error in pool.imap_unordered(_decode_chunk, tasks):
-                _raise_if(error)  # leaving the with-block terminates the other workers
+        # the file: nothing but member names and counts crosses processes (measured faster
+        # than returning arrays; see BENCHMARKS.md). concurrent.futures, not multiprocessing.Pool:
+        # when a worker dies (killed, crashed, out of memory) its pool fails every pending task
+        # with BrokenProcessPool at once, where Pool waits for ever for the dead worker's
+        # results, and its terminate() can deadlock. fork: the workers need nothing the parent
+        # has not already imported, so they start in milliseconds.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_start_worker, initargs=(*setup, True))
+        try:
+            for future in as_completed([pool.submit(_decode_chunk, task) for task in tasks]):
+                count, error = future.result()
+                _raise_if(error)
                 bar.update(count)
+        except BrokenProcessPool:
+            raise UserError("a decoding process died before prepare finished (killed, or out of memory?): "
+                            "run again, or set prepare.workers: 1 to decode in one process") from None
+        finally:
+            # the tasks not started are dropped; the running ones end within one chunk
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-# One worker's open archive and output array; set by _start_worker in each process.
+# One worker's open archive and output file; set by _start_worker in each process.
 _worker: dict = {}
 
 
-def _start_worker(archive_path: Path, images_path: Path, size: int, ignore_sigint: bool) -> None:
+def _start_worker(archive_path: Path, images_path: Path, offset: int, size: int, ignore_sigint: bool) -> None:
     if ignore_sigint:
         # Ctrl-C reaches every process of the terminal; the parent alone handles it (it stops
         # the pool and removes the partial outputs), instead of one traceback per worker.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker.update(archive=zipfile.ZipFile(archive_path), archive_path=archive_path,
-                   images=np.load(images_path, mmap_mode="r+"), size=size)
+    _worker.update(archive=zipfile.ZipFile(archive_path), archive_path=archive_path, images_path=images_path,
+                   images=os.open(images_path, os.O_WRONLY), offset=offset, size=size)
 
 
 def _stop_worker() -> None:
     _worker["archive"].close()
+    os.close(_worker["images"])
     _worker.clear()
 
 
 def _decode_chunk(task: tuple[int, list[tuple[str, str]]]) -> tuple[int, str | None]:
     """Decode one chunk into the output; returns (images done, error message or None)."""
     start, items = task
-    archive, images, size = _worker["archive"], _worker["images"], _worker["size"]
+    archive, size = _worker["archive"], _worker["size"]
+    pixels = np.empty((len(items), size, size, 3), np.uint8)
+    error = None
     for offset, (image_id, member) in enumerate(items):
         try:
             data = archive.read(member)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            return offset, f"cannot read {member} (image {image_id}) from {_worker['archive_path']}: {e}; download it again"
+            error = f"cannot read {member} (image {image_id}) from {_worker['archive_path']}: {e}; download it again"
+            break
         try:
-            images[start + offset] = decode_image(data, size)
+            pixels[offset] = decode_image(data, size)
         except ValueError as e:
-            return offset, f"cannot decode image {image_id} ({member} in {_worker['archive_path']}): {e}"
-    return len(items), None
+            error = f"cannot decode image {image_id} ({member} in {_worker['archive_path']}): {e}"
+            break
+    else:
+        offset = len(items)
+    # one write for the chunk's consecutive rows (those decoded before an error are kept: cheap)
+    data, position = memoryview(pixels[:offset]).cast("B"), _worker["offset"] + start * pixels[0].nbytes
+    try:
+        while data:  # a write may be short (a signal, a nearly full disk): write the rest
+            written = os.pwrite(_worker["images"], data, position)
+            if written == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            data, position = data[written:], position + written
+    except OSError as e:  # the space was allocated, but a filesystem may still refuse (quota, I/O error)
+        return 0, f"cannot write {_worker['images_path'].with_suffix('')}: {e.strerror or e}"
+    return offset, error
 
 
 def _raise_if(error: str | None) -> None:

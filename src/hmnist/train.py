@@ -77,6 +77,15 @@ def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]
     return digest.hexdigest()[:16]
 
 
+def shared_batch_size(params: Params, train_images: int, processes: int) -> int:
+    """The global batch (at most the training set), which each of `processes` needs a share of."""
+    batch_size = min(params.model_config.batch_size, train_images)
+    if batch_size < processes:
+        raise UserError(f"a batch of {batch_size} cannot be shared by {processes} processes: "
+                        f"raise models.{params.model}.batch_size or lower train.devices")
+    return batch_size
+
+
 def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame,
           resume_path: Path | None = None, live: Any = None,
           curves: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -112,10 +121,7 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     mixing = (tc.mixup > 0 or tc.cutmix > 0) and tc.mixup_prob > 0
     mixer = Mixer(tc.mixup, tc.cutmix, tc.mixup_prob, len(CLASSES)) if mixing else None
 
-    batch_size = min(config.batch_size, len(train_rows))
-    if batch_size < ranks.world:
-        raise UserError(f"a batch of {batch_size} cannot be shared by {ranks.world} processes: "
-                        f"raise models.{params.model}.batch_size or lower train.devices")
+    batch_size = shared_batch_size(params, len(train_rows), ranks.world)
     # inference keeps no activations for backward: twice the training batch fits where it does
     # (and predict_probs halves it if not), and the batch size does not change the result
     val_batch_size = BatchSize(2 * config.batch_size)
@@ -327,6 +333,9 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> None:
     params = load_params()
     processes = distributed.process_count(params.train.devices, params.train.device)
     if processes > 1 and not distributed.in_worker():
+        # checked before any worker starts: each would load the cache and build a model first
+        split = fold_split(load_split(), load_folds(), fold)
+        shared_batch_size(params, int((split["split"] == "train").sum()), processes)
         # torchrun runs this main() in each worker, with the same fold
         distributed.launch("hmnist.train", processes, params.train.device, [f"--fold={fold}"])
         return
