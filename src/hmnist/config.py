@@ -66,8 +66,8 @@ class ModelConfig:
     # layer-wise learning-rate decay: each layer's lr is lr * layer_decay ** (layers above it), so
     # pretrained early layers move less; 1 = off. Models without timm's layer grouping ignore it
     layer_decay: float = 1.0
-    # this model's linear warmup in epochs, instead of train.warmup_epochs (null: that one). A
-    # pretrained network wants a short one: its features need no long ramp (BENCHMARKS.md)
+    # this model's linear warmup in epochs, instead of train.warmup_epochs (null: that one), e.g.
+    # a fine-tuning recipe's short ramp where the train block's suits training from scratch
     warmup_epochs: float | None = None
 
 
