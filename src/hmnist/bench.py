@@ -252,16 +252,40 @@ def bench_repro(models: list[str], n_images: int, workers: int, keep: Path | Non
     archive = root / "kaggle.zip"
     if not archive.exists():
         _synthetic_set(archive, n_images, workers)
+    params = yaml.safe_load(params_file.read_text())
+    params["data"]["source"] = str(archive)
+    for model in params["models"].values():
+        model["pretrained"] = False  # the benchmark machine cannot reach the hub
     project = root / "project"
+    run, runner = _repro_project(root, project)
+
+    result: dict[str, Any] = {"runner": runner, "models": {}}
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": models[0]}, sort_keys=False))
+    result["data_stages_seconds"] = {stage: run(stage) for stage in ("download", "prepare", "split")}
+    result["images"] = len((project / "data/prepared/index.csv").read_text().splitlines()) - 1
+    for name in models:
+        (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": name}, sort_keys=False))
+        seconds = {stage: run(stage) for stage in ("train", "evaluate")}
+        metrics = json.loads((project / "metrics/metrics.json").read_text())
+        result["models"][name] = {"stage_seconds": seconds, "epochs": params["models"][name]["epochs"],
+                                  "test_balanced_accuracy": metrics["balanced_accuracy"],
+                                  "test_accuracy": metrics["accuracy"]}
+        print(f"{name}: {seconds}", file=sys.stderr)
+    data_seconds = sum(result["data_stages_seconds"].values())
+    for entry in result["models"].values():  # a whole repro of one model from an empty workspace
+        entry["repro_seconds"] = data_seconds + sum(entry["stage_seconds"].values())
+    result["total_seconds"] = data_seconds + sum(sum(m["stage_seconds"].values()) for m in result["models"].values())
+    return result
+
+
+def _repro_project(root: Path, project: Path) -> tuple[Callable[[str], float], str]:
+    """A fresh copy of the repo's pipeline in `project`; returns a function that runs one of its
+    stages and says how long it took, and what runs the stages (dvc, or the stage commands)."""
     shutil.rmtree(project, ignore_errors=True)
     project.mkdir()
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, project / name)
     shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load(params_file.read_text())
-    params["data"]["source"] = str(archive)
-    for model in params["models"].values():
-        model["pretrained"] = False  # the benchmark machine cannot reach the hub
     # dvc.yaml's commands say `python`: make that this interpreter, whatever the machine calls it
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / "python").exists():
@@ -283,25 +307,7 @@ def bench_repro(models: list[str], n_images: int, workers: int, keep: Path | Non
         started = time.perf_counter()
         subprocess.run(cmd, cwd=project, check=True, stdout=sys.stderr, env=env)
         return time.perf_counter() - started
-
-    result: dict[str, Any] = {"runner": "dvc repro" if have_dvc else "stage commands (dvc not installed)",
-                              "models": {}}
-    (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": models[0]}, sort_keys=False))
-    result["data_stages_seconds"] = {stage: run(stage) for stage in ("download", "prepare", "split")}
-    result["images"] = len((project / "data/prepared/index.csv").read_text().splitlines()) - 1
-    for name in models:
-        (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": name}, sort_keys=False))
-        seconds = {stage: run(stage) for stage in ("train", "evaluate")}
-        metrics = json.loads((project / "metrics/metrics.json").read_text())
-        result["models"][name] = {"stage_seconds": seconds, "epochs": params["models"][name]["epochs"],
-                                  "test_balanced_accuracy": metrics["balanced_accuracy"],
-                                  "test_accuracy": metrics["accuracy"]}
-        print(f"{name}: {seconds}", file=sys.stderr)
-    data_seconds = sum(result["data_stages_seconds"].values())
-    for entry in result["models"].values():  # a whole repro of one model from an empty workspace
-        entry["repro_seconds"] = data_seconds + sum(entry["stage_seconds"].values())
-    result["total_seconds"] = data_seconds + sum(sum(m["stage_seconds"].values()) for m in result["models"].values())
-    return result
+    return run, "dvc repro" if have_dvc else "stage commands (dvc not installed)"
 
 
 def machine() -> dict[str, Any]:
@@ -315,6 +321,27 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    ways = args.ways.split(",")
+    unknown = set(ways) - {"model", "pipeline", "input", "notebook"}
+    if unknown:
+        parser.error(f"unknown way {sorted(unknown)[0]!r}: use model, pipeline, input, notebook")
+
+    result: dict[str, Any] = {"machine": machine()}
+    if args.repro:
+        result["repro"] = bench_repro(args.models.split(","), args.images, os.cpu_count() or 1, args.workdir,
+                                     args.params)
+    else:
+        result.update(bench_ways(args, ways))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deit", help="an entry of models: in params.yaml")
     parser.add_argument("--ways", default="model,pipeline,notebook",
@@ -338,63 +365,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N more steps of each way: device time per step, top ops on stderr")
-    args = parser.parse_args(argv)
-    ways = args.ways.split(",")
-    unknown = set(ways) - {"model", "pipeline", "input", "notebook"}
-    if unknown:
-        parser.error(f"unknown way {sorted(unknown)[0]!r}: use model, pipeline, input, notebook")
+    return parser
 
-    result: dict[str, Any] = {"machine": machine()}
-    if args.repro:
-        result["repro"] = bench_repro(args.models.split(","), args.images, os.cpu_count() or 1, args.workdir,
-                                     args.params)
-    else:
-        params = load_params()
-        config = params.models[args.model]
-        overrides = {k: v for k, v in (("batch_size", args.batch_size), ("resize", args.resize)) if v}
-        config = ModelConfig(**{**config.__dict__, **overrides})
-        device = resolve_device(args.device)
-        result["bench"] = {"model": args.model, "arch": config.arch, "batch_size": config.batch_size,
-                           "resize": config.resize, "device": str(device), "steps": args.steps,
-                           "rounds": args.rounds, "warmup": args.warmup, "compile": args.compile}
-        setups = {
-            "model": lambda: model_way(config, device, args.compile),
-            "pipeline": lambda: pipeline_way(config, device, args.compile, args.images, args.size),
-            "input": lambda: input_way(config, device, args.images, args.size),
-        }
-        # the GPU ways take turns; the notebook's loader workers would load the host meanwhile
-        # and skew them, so it is timed alone, afterwards
-        interleaved = {way: setups[way] for way in ways if way != "notebook"}
-        if interleaved:
-            result.update(measure(interleaved, config.batch_size, device, args.steps, args.warmup, args.rounds,
-                                  args.profile))
-        if "notebook" in ways:
-            with tempfile.TemporaryDirectory() as tmp:
-                workdir = args.workdir or Path(tmp)
-                folder = workdir / "imagefolder"
-                if not folder.exists():
-                    folder = _image_folder(workdir, args.notebook_images, os.cpu_count() or 1)
-                notebook = lambda: notebook_way(config, device, folder, args.notebook_workers)  # noqa: E731
-                result.update(measure({"notebook": notebook}, config.batch_size, device, args.steps, args.warmup,
-                                      args.rounds, args.profile))
-                result["notebook"]["workers"] = args.notebook_workers
-        for way in ways:
-            r = result[way]
-            busy = f", device busy {r['device_busy']:.0%}" if r.get("device_busy") is not None else ""
-            print(f"{way:9s}: {r['images_per_second']:9.1f} img/s (rounds: "
-                  f"{', '.join(f'{v:.0f}' for v in r['rounds'])}){busy}", file=sys.stderr)
-        if "model" in result and "pipeline" in result:
-            per_round = [p / m for p, m in zip(result["pipeline"]["rounds"], result["model"]["rounds"])]
-            result["pipeline_over_model"] = float(np.median(per_round))
-            result["pipeline_over_model_rounds"] = per_round
-        if "notebook" in result and "pipeline" in result:
-            result["pipeline_over_notebook"] = (result["pipeline"]["images_per_second"]
-                                                / result["notebook"]["images_per_second"])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+
+def bench_ways(args: argparse.Namespace, ways: list[str]) -> dict[str, Any]:
+    """Each of `ways` measured (the device ways interleaved, the notebook alone) and compared."""
+    params = load_params()
+    config = params.models[args.model]
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("resize", args.resize)) if v}
+    config = ModelConfig(**{**config.__dict__, **overrides})
+    device = resolve_device(args.device)
+    result: dict[str, Any] = {"bench": {"model": args.model, "arch": config.arch, "batch_size": config.batch_size,
+                                        "resize": config.resize, "device": str(device), "steps": args.steps,
+                                        "rounds": args.rounds, "warmup": args.warmup, "compile": args.compile}}
+    setups = {
+        "model": lambda: model_way(config, device, args.compile),
+        "pipeline": lambda: pipeline_way(config, device, args.compile, args.images, args.size),
+        "input": lambda: input_way(config, device, args.images, args.size),
+    }
+    # the GPU ways take turns; the notebook's loader workers would load the host meanwhile
+    # and skew them, so it is timed alone, afterwards
+    interleaved = {way: setups[way] for way in ways if way != "notebook"}
+    if interleaved:
+        result.update(measure(interleaved, config.batch_size, device, args.steps, args.warmup, args.rounds,
+                              args.profile))
+    if "notebook" in ways:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = args.workdir or Path(tmp)
+            folder = workdir / "imagefolder"
+            if not folder.exists():
+                folder = _image_folder(workdir, args.notebook_images, os.cpu_count() or 1)
+            notebook = lambda: notebook_way(config, device, folder, args.notebook_workers)  # noqa: E731
+            result.update(measure({"notebook": notebook}, config.batch_size, device, args.steps, args.warmup,
+                                  args.rounds, args.profile))
+            result["notebook"]["workers"] = args.notebook_workers
+    for way in ways:
+        r = result[way]
+        busy = f", device busy {r['device_busy']:.0%}" if r.get("device_busy") is not None else ""
+        print(f"{way:9s}: {r['images_per_second']:9.1f} img/s (rounds: "
+              f"{', '.join(f'{v:.0f}' for v in r['rounds'])}){busy}", file=sys.stderr)
+    if "model" in result and "pipeline" in result:
+        per_round = [p / m for p, m in zip(result["pipeline"]["rounds"], result["model"]["rounds"])]
+        result["pipeline_over_model"] = float(np.median(per_round))
+        result["pipeline_over_model_rounds"] = per_round
+    if "notebook" in result and "pipeline" in result:
+        result["pipeline_over_notebook"] = (result["pipeline"]["images_per_second"]
+                                            / result["notebook"]["images_per_second"])
+    return result
 
 
 if __name__ == "__main__":

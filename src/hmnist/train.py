@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from hmnist import distributed
 from hmnist.augment import Augment, Mixer, ModelInput, memory_format
-from hmnist.config import CLASSES, Params, load_params
+from hmnist.config import CLASSES, ModelConfig, Params, load_params
 from hmnist.data import PREPARED, fold_paths, fold_split, load_folds, load_prepared, load_split, split_rows
 from hmnist.engine import (BatchSize, SmoothedCrossEntropy, backward_batch, class_weights, deterministic,
                            epoch_batches, lr_lambda, param_groups, predict_probs, resolve_device, rng_state,
@@ -86,16 +86,74 @@ def shared_batch_size(params: Params, train_images: int, processes: int) -> int:
     return batch_size
 
 
+@dataclass
+class Run:
+    """One training run: its data and objective on the device, what it trains, and how far it has
+    got (the last five fields, with the weights, are what the resume state saves)."""
+    params: Params
+    ranks: distributed.Ranks
+    device: torch.device
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: np.ndarray
+    model_input: ModelInput
+    generator: torch.Generator  # batch sampling and augmentation
+    augment: Augment | None
+    criterion: SmoothedCrossEntropy
+    loss_weights: torch.Tensor | None
+    sample_weights: torch.Tensor | None
+    mixer: Mixer | None
+    batch_size: int
+    val_batch_size: BatchSize
+    steps_per_epoch: int
+    model: nn.Module
+    step_model: nn.Module  # the model as the train step calls it: wrapped by DDP, compiled when set
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEmaV3 | None
+    norm: dict[str, Any]  # the model's input mean and std, for the checkpoint
+    history: History = field(default_factory=History)
+    best_state: dict[str, torch.Tensor] | None = None
+    # with train.select smoothed: the last epoch's weights, until the next epoch scores it
+    pending_state: dict[str, torch.Tensor] | None = None
+    start_epoch: int = 0
+    accum: int = 1  # micro-batches per batch: doubles when the GPU runs out of memory
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.params.model_config
+
+
 def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame,
           resume_path: Path | None = None, live: Any = None,
           curves: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train the selected model; returns the model of the epoch `train.select` kept and checkpoint metadata."""
     with deterministic(params.train.deterministic):
-        return _train(params, images, index, split, resume_path, live, curves)
+        run = _setup(params, images, index, split)
+        _resume(run, resume_path, live)
+        for epoch in range(run.start_epoch, run.config.epochs):
+            started = time.perf_counter()
+            train_loss = _train_epoch(run, epoch)
+            train_seconds = time.perf_counter() - started
+            vals = _validate(run)
+            record = {"epoch": epoch + 1, "train/loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
+                      **{f"{'val' if name == 'raw' else 'val_ema'}/{k}": v for name, val in vals.items()
+                         for k, v in val.items()},
+                      "epoch_seconds": time.perf_counter() - started,
+                      "train_images_per_second": run.steps_per_epoch * run.batch_size / train_seconds}
+            run.history.epochs.append(record)
+            _print_epoch(run, record, vals)
+            _select(run, epoch, vals)
+            if live is not None:
+                _log(live, record)
+            _save_state(run, resume_path, epoch)
+        return _finish(run, images, curves)
 
 
-def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame,
-           resume_path: Path | None, live: Any, curves: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame) -> Run:
+    """Everything a run needs. The order is part of the result: the model's initialisation
+    draws from the seeds set first."""
     config, tc = params.model_config, params.train
     ranks = distributed.ranks()
     device = distributed.device(tc.device, ranks, resolve_device(tc.device))
@@ -106,7 +164,6 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     train_rows, val_rows = split_rows(index, split, "train"), split_rows(index, split, "val")
     train_images, val_images = to_device(images[train_rows], device), to_device(images[val_rows], device)
     train_labels = torch.from_numpy(labels[train_rows]).to(device)
-    val_labels = labels[val_rows]
 
     model = create_model(config).to(device).to(memory_format=memory_format(device, config.arch))
     norm = data_config(model)
@@ -122,9 +179,6 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     mixer = Mixer(tc.mixup, tc.cutmix, tc.mixup_prob, len(CLASSES)) if mixing else None
 
     batch_size = shared_batch_size(params, len(train_rows), ranks.world)
-    # inference keeps no activations for backward: twice the training batch fits where it does
-    # (and predict_probs halves it if not), and the batch size does not change the result
-    val_batch_size = BatchSize(2 * config.batch_size)
     steps_per_epoch = max(1, len(train_rows) // batch_size)
     optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay),
                                   lr=config.lr, fused=device.type == "cuda")
@@ -133,126 +187,164 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     step_model = distributed.data_parallel(model, device, ranks)
     step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+    return Run(params=params, ranks=ranks, device=device, train_images=train_images, train_labels=train_labels,
+               val_images=val_images, val_labels=labels[val_rows], model_input=model_input, generator=generator,
+               augment=augment, criterion=criterion, loss_weights=loss_weights, sample_weights=sample_weights,
+               mixer=mixer, batch_size=batch_size,
+               # inference keeps no activations for backward: twice the training batch fits where
+               # it does (and predict_probs halves it if not), and the batch size does not change the result
+               val_batch_size=BatchSize(2 * config.batch_size), steps_per_epoch=steps_per_epoch,
+               model=model, step_model=step_model, optimizer=optimizer, scheduler=scheduler, ema=ema, norm=norm)
 
-    history, best_state, pending_state, start_epoch, accum = History(), None, None, 0, 1
+
+def _resume(run: Run, resume_path: Path | None, live: Any) -> None:
+    """Continue from the state saved after the last finished epoch, if there is one."""
     state = None
-    if resume_path is not None and resume_path.exists() and ranks.main:
+    if resume_path is not None and resume_path.exists() and run.ranks.main:
         state = torch.load(resume_path, map_location="cpu", weights_only=True)  # loading copies to the device
     state = distributed.from_main(state)  # rank 0's: every rank resumes alike, on other machines too
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        rng = state["rng"]  # one per rank when several (their dropout draws differ)
-        set_rng_state(rng[ranks.rank] if isinstance(rng, list) else rng, generator)
-        history = History(**state["history"])
-        best_state, pending_state = state["best_state"], state["pending_state"]
-        start_epoch, accum = state["epoch"] + 1, state["accum"]
-        if ranks.main:
-            print(f"resuming after epoch {start_epoch} of {config.epochs} from {resume_path}", file=sys.stderr)
-        if live is not None:
-            for record in history.epochs:  # DVC deleted the old plots: write them again
-                _log(live, record)
-
-    def step(batch: torch.Tensor) -> torch.Tensor:
-        nonlocal accum
-        # the whole batch's augmentation, drawn on every rank and sliced: the same whatever the
-        # number of processes (and micro-batches)
-        draws = augment.draw(len(batch)) if augment is not None else None
-        labels = train_labels[batch]
-
-        def inputs(at: torch.Tensor) -> torch.Tensor:  # positions in the batch
-            return model_input(train_images[batch[at]], augment, None if draws is None else draws[at])
-
-        positions = torch.arange(len(batch), device=batch.device)
-        while True:
-            try:
-                loss = backward_batch(step_model, inputs, labels, criterion, loss_weights, positions, accum, device,
-                                      ranks.shard, ranks.world, mixer)
-                if tc.clip_grad > 0:  # after DDP's all-reduce: every rank clips the same gradient
-                    dispatch_clip_grad(model.parameters(), tc.clip_grad, mode=tc.clip_mode)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
-                if ema is not None:
-                    ema.update(model, step=scheduler.last_epoch)  # optimizer steps so far, resumed with it
-                return loss
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if ranks.world > 1:  # the ranks would have to agree on micro-batches mid-step
-                    raise UserError(f"out of GPU memory at {math.ceil(len(batch) / ranks.world)} images per GPU for "
-                                    f"{config.arch}: lower models.{params.model}.batch_size or train on more GPUs")
-                if len(batch) // accum <= 1:
-                    raise UserError(f"out of GPU memory even with micro-batches of 1 for {config.arch} "
-                                    f"at {config.resize}px: lower resize or use a smaller model") from None
-                accum *= 2
-                print(f"notice: out of GPU memory at batch {len(batch)}; continuing with {accum} micro-batches "
-                      f"of {math.ceil(len(batch) / accum)} and gradient accumulation (same effective batch)",
-                      file=sys.stderr)
-
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        started, losses = time.perf_counter(), []
-        batches = epoch_batches(len(train_rows), batch_size, generator, sample_weights)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not ranks.main)
-        for i, batch in enumerate(bar):
-            losses.append(step(batch))
-            if i % 20 == 0:  # reading the loss waits for the GPU: not every step
-                bar.set_postfix(loss=f"{losses[-1].item() * ranks.world:.3f}")
-        train_seconds = time.perf_counter() - started
-        train_loss = distributed.all_sum(torch.stack(losses).mean()).item()  # the ranks' parts of each batch's loss
-        candidates = {"raw": model} if ema is None else {"raw": model, "ema": ema.module}
-        # rank 0 validates, and every rank keeps the epoch and weights its metrics choose
-        vals = distributed.from_main({name: evaluate_split(m, val_images, val_labels, model_input, val_batch_size, device)
-                                      for name, m in candidates.items()} if ranks.main else None)
-        record = {"epoch": epoch + 1, "train/loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                  **{f"{'val' if name == 'raw' else 'val_ema'}/{k}": v for name, val in vals.items() for k, v in val.items()},
-                  "epoch_seconds": time.perf_counter() - started,
-                  "train_images_per_second": steps_per_epoch * batch_size / train_seconds}
-        history.epochs.append(record)
-        for name, val in vals.items():
-            if ranks.main:
-                print(f"epoch {epoch + 1}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
-                      f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
-                      f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
-        # the epoch's candidate: the better of its raw and EMA weights (raw on a tie)
-        name = max(vals, key=lambda n: vals[n]["balanced_accuracy"])
-        history.scores.append(vals[name]["balanced_accuracy"])
-        history.names.append(name)
-        current = {k: v.detach().to("cpu", copy=True) for k, v in candidates[name].state_dict().items()}
-        if tc.select == "smoothed":  # an epoch's score is known once the next one is validated
-            options = [(epoch - 1, pending_state)] if epoch > 0 else []
-            options += [(epoch, current)] if epoch + 1 == config.epochs else []
-            pending_state = current
-        else:
-            options = [(epoch, current)]
-        for j, weights in options:
-            score = smoothed(history.scores, j) if tc.select == "smoothed" else history.scores[j]
-            if tc.select == "last" or score > history.best_score:
-                history.best_score, history.best_epoch, history.best_weights = score, j + 1, history.names[j]
-                best_state = weights
-        if live is not None:
+    if state is None:
+        return
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    rng = state["rng"]  # one per rank when several (their dropout draws differ)
+    set_rng_state(rng[run.ranks.rank] if isinstance(rng, list) else rng, run.generator)
+    run.history = History(**state["history"])
+    run.best_state, run.pending_state = state["best_state"], state["pending_state"]
+    run.start_epoch, run.accum = state["epoch"] + 1, state["accum"]
+    if run.ranks.main:
+        print(f"resuming after epoch {run.start_epoch} of {run.config.epochs} from {resume_path}", file=sys.stderr)
+    if live is not None:
+        for record in run.history.epochs:  # DVC deleted the old plots: write them again
             _log(live, record)
-        rng = distributed.gather(rng_state(generator)) if ranks.world > 1 else rng_state(generator)
-        if resume_path is not None and ranks.main:
-            resume_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng,
-                        "history": asdict(history), "best_state": best_state, "pending_state": pending_state,
-                        "epoch": epoch, "accum": accum,
-                        "ema": ema.state_dict() if ema is not None else None},
-                       resume_path.with_suffix(".tmp"))
-            resume_path.with_suffix(".tmp").replace(resume_path)
 
-    model.load_state_dict(best_state)
+
+def _train_epoch(run: Run, epoch: int) -> float:
+    """One pass over the train split; returns its mean loss over every rank's share."""
+    run.model.train()
+    losses = []
+    batches = epoch_batches(len(run.train_labels), run.batch_size, run.generator, run.sample_weights)
+    bar = tqdm(batches, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch",
+               disable=not run.ranks.main)
+    for i, batch in enumerate(bar):
+        losses.append(_train_step(run, batch))
+        if i % 20 == 0:  # reading the loss waits for the GPU: not every step
+            bar.set_postfix(loss=f"{losses[-1].item() * run.ranks.world:.3f}")
+    return distributed.all_sum(torch.stack(losses).mean()).item()  # the ranks' parts of each batch's loss
+
+
+def _train_step(run: Run, batch: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on `batch` (rows of the train split); on running out of GPU memory,
+    the same step again in twice as many micro-batches."""
+    config, tc, ranks = run.config, run.params.train, run.ranks
+    # the whole batch's augmentation, drawn on every rank and sliced: the same whatever the
+    # number of processes (and micro-batches)
+    draws = run.augment.draw(len(batch)) if run.augment is not None else None
+    labels = run.train_labels[batch]
+
+    def inputs(at: torch.Tensor) -> torch.Tensor:  # positions in the batch
+        return run.model_input(run.train_images[batch[at]], run.augment, None if draws is None else draws[at])
+
+    positions = torch.arange(len(batch), device=batch.device)
+    while True:
+        try:
+            loss = backward_batch(run.step_model, inputs, labels, run.criterion, run.loss_weights, positions,
+                                  run.accum, run.device, ranks.shard, ranks.world, run.mixer)
+            if tc.clip_grad > 0:  # after DDP's all-reduce: every rank clips the same gradient
+                dispatch_clip_grad(run.model.parameters(), tc.clip_grad, mode=tc.clip_mode)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
+            if run.ema is not None:
+                run.ema.update(run.model, step=run.scheduler.last_epoch)  # optimizer steps so far, resumed with it
+            return loss
+        except torch.OutOfMemoryError:
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if ranks.world > 1:  # the ranks would have to agree on micro-batches mid-step
+                raise UserError(f"out of GPU memory at {math.ceil(len(batch) / ranks.world)} images per GPU for "
+                                f"{config.arch}: lower models.{run.params.model}.batch_size or train on more GPUs")
+            if len(batch) // run.accum <= 1:
+                raise UserError(f"out of GPU memory even with micro-batches of 1 for {config.arch} "
+                                f"at {config.resize}px: lower resize or use a smaller model") from None
+            run.accum *= 2
+            print(f"notice: out of GPU memory at batch {len(batch)}; continuing with {run.accum} micro-batches "
+                  f"of {math.ceil(len(batch) / run.accum)} and gradient accumulation (same effective batch)",
+                  file=sys.stderr)
+
+
+def _candidates(run: Run) -> dict[str, nn.Module]:
+    """The epoch's two weight sets: the trained ones, and their moving average when there is one."""
+    return {"raw": run.model} if run.ema is None else {"raw": run.model, "ema": run.ema.module}
+
+
+def _validate(run: Run) -> dict[str, dict[str, float]]:
+    """Each candidate's validation metrics: rank 0 computes them, and every rank receives them,
+    so that every rank keeps the same epoch and weights."""
+    vals = {name: evaluate_split(model, run.val_images, run.val_labels, run.model_input, run.val_batch_size,
+                                 run.device)
+            for name, model in _candidates(run).items()} if run.ranks.main else None
+    return distributed.from_main(vals)
+
+
+def _print_epoch(run: Run, record: dict[str, float], vals: dict[str, dict[str, float]]) -> None:
+    if not run.ranks.main:
+        return
+    for name, val in vals.items():
+        print(f"epoch {record['epoch']}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
+              f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
+              f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
+
+
+def _select(run: Run, epoch: int, vals: dict[str, dict[str, float]]) -> None:
+    """Score the epoch's candidate and keep the weights `train.select` chooses so far."""
+    history, select, epochs = run.history, run.params.train.select, run.config.epochs
+    # the epoch's candidate: the better of its raw and EMA weights (raw on a tie)
+    name = max(vals, key=lambda n: vals[n]["balanced_accuracy"])
+    history.scores.append(vals[name]["balanced_accuracy"])
+    history.names.append(name)
+    current = {k: v.detach().to("cpu", copy=True) for k, v in _candidates(run)[name].state_dict().items()}
+    if select == "smoothed":  # an epoch's score is known once the next one is validated
+        options = [(epoch - 1, run.pending_state)] if epoch > 0 else []
+        options += [(epoch, current)] if epoch + 1 == epochs else []
+        run.pending_state = current
+    else:
+        options = [(epoch, current)]
+    for j, weights in options:
+        score = smoothed(history.scores, j) if select == "smoothed" else history.scores[j]
+        if select == "last" or score > history.best_score:
+            history.best_score, history.best_epoch, history.best_weights = score, j + 1, history.names[j]
+            run.best_state = weights
+
+
+def _save_state(run: Run, resume_path: Path | None, epoch: int) -> None:
+    """The whole training state after `epoch`, written whole or not at all (an interrupted
+    write leaves the previous state)."""
+    # every rank's generator state, gathered on every rank (a collective: all take part)
+    rng = distributed.gather(rng_state(run.generator)) if run.ranks.world > 1 else rng_state(run.generator)
+    if resume_path is None or not run.ranks.main:
+        return
+    resume_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(), "rng": rng,
+                "history": asdict(run.history), "best_state": run.best_state, "pending_state": run.pending_state,
+                "epoch": epoch, "accum": run.accum,
+                "ema": run.ema.state_dict() if run.ema is not None else None},
+               resume_path.with_suffix(".tmp"))
+    resume_path.with_suffix(".tmp").replace(resume_path)
+
+
+def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The kept weights loaded, the curves drawn, and the checkpoint's metadata: how the model was made."""
+    params, config, history = run.params, run.config, run.history
+    run.model.load_state_dict(run.best_state)
     best = history.epochs[history.best_epoch - 1]
     prefix = "val" if history.best_weights == "raw" else "val_ema"
-    if curves is not None and ranks.main:
+    if curves is not None and run.ranks.main:
         plot_history(history.epochs, history.best_epoch, history.best_weights, curves)
     meta = {
         "model_name": params.model,
@@ -261,22 +353,22 @@ def _train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
         "classes": list(CLASSES),
         "input_size": config.resize,
         "prepare_size": int(images.shape[1]),
-        "mean": list(norm["mean"]),
-        "std": list(norm["std"]),
+        "mean": list(run.norm["mean"]),
+        "std": list(run.norm["std"]),
         # the params this stage reads (dvc.yaml), not the whole file: the checkpoint must not
         # claim settings, such as data.source, that DVC does not re-run training for
-        "params": {"model": params.model, f"models.{params.model}": asdict(config), "train": asdict(tc)},
+        "params": {"model": params.model, f"models.{params.model}": asdict(config), "train": asdict(params.train)},
         "best_epoch": history.best_epoch,
         "kept_weights": history.best_weights,  # raw, or ema: the moving average's
         "val_balanced_accuracy": best[f"{prefix}/balanced_accuracy"],
         "val_accuracy": best[f"{prefix}/accuracy"],
-        "effective_batch_size": batch_size,
-        "micro_batches": accum,
-        "processes": ranks.world,
+        "effective_batch_size": run.batch_size,
+        "micro_batches": run.accum,
+        "processes": run.ranks.world,
         "train_images_per_second": float(np.median([r["train_images_per_second"] for r in history.epochs])),
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
-    return model.eval(), meta
+    return run.model.eval(), meta
 
 
 def plot_history(epochs: list[dict[str, float]], best_epoch: int, best_weights: str, path: Path) -> None:
