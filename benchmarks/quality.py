@@ -207,6 +207,15 @@ def notebook_data(size: int, archive: Path, data: Path):
     return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test, weights / weights[y_train].mean()
 
 
+def random_flips(x):
+    """Each NCHW image flipped left-right, then up-down, each with probability 1/2: the peers'
+    only augmentation, drawn from torch's global generator as the notebooks do."""
+    import torch
+    flip_h, flip_v = torch.rand(len(x)) < 0.5, torch.rand(len(x)) < 0.5
+    x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
+    return torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+
+
 def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
     """The notebook's loop; returns the model, the loop's seconds and its images per second."""
     import timm
@@ -227,10 +236,7 @@ def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
         order = torch.randperm(len(x_train))
         for i in range(steps):
             rows = order[i * batch:(i + 1) * batch]
-            x = x_train[rows]
-            flip_h, flip_v = torch.rand(len(x)) < 0.5, torch.rand(len(x)) < 0.5
-            x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
-            x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+            x = random_flips(x_train[rows])
             loss = criterion(model(x), y_train[rows])
             optimizer.zero_grad()
             loss.backward()
@@ -315,10 +321,7 @@ def notebook_finetune(x_train, y_train, weights, seed: int, epochs: int, knobs: 
         order, losses = torch.randperm(len(x_train)), []
         for i in range(steps):
             rows = order[i * batch:(i + 1) * batch]
-            x = x_train[rows]
-            flip_h, flip_v = torch.rand(len(x)) < 0.5, torch.rand(len(x)) < 0.5
-            x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
-            x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x)
+            x = random_flips(x_train[rows])
             loss = criterion(model(x.contiguous(memory_format=fmt)), y_train[rows])
             optimizer.zero_grad()
             loss.backward()
