@@ -131,7 +131,7 @@ def share_experiment(project, tmp_path, compared: dict) -> None:
     run(["git", "clone", "-q", "-b", "main", str(tmp_path / "origin.git"), str(clone)], tmp_path)
     run(["dvc", "exp", "pull", "origin", "resnet9-exp"], clone)
     assert "resnet9-exp" in run(["dvc", "exp", "list", "--name-only"], clone).stdout
-    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "resnet9-exp", "--json"], clone).stdout)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "resnet9-exp", "--json", "--all"], clone).stdout)
     assert diff["metrics/metrics.json"]["balanced_accuracy"]["new"] == pytest.approx(
         compared["metrics"]["balanced_accuracy"]["b"])
     assert json.loads(hmnist_compare(clone, "HEAD", "resnet9-exp", "--json").stdout)["metrics"] == compared["metrics"]
