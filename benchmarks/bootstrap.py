@@ -5,7 +5,7 @@ real test split's size (about 1,500 images of about 1,100 lesions).
 
 Builds a throwaway project from a synthetic Kaggle-layout archive whose split puts ~1,500
 images in the test split, trains a 1-epoch ResNet9 at 32 px, then times `python -m
-hmnist.evaluate` (a subprocess: imports, inference, metrics, plots, all of it) with
+hmnist.stages.evaluate` (a subprocess: imports, inference, metrics, plots, all of it) with
 evaluate.bootstrap 0 and 2000, alternating, and the bootstrap call alone.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
             params["evaluate"]["bootstrap"] = bootstrap
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", f"hmnist.{name}"], cwd=root, env=env, check=True,
+        subprocess.run([sys.executable, "-m", f"hmnist.stages.{name}"], cwd=root, env=env, check=True,
                        capture_output=True)
         return time.perf_counter() - started
 
@@ -69,7 +69,7 @@ def main() -> None:
         for bootstrap in times:
             times[bootstrap].append(stage("evaluate", bootstrap))
     for bootstrap, values in times.items():
-        print(f"python -m hmnist.evaluate, evaluate.bootstrap {bootstrap}: median {statistics.median(values):.2f} s, "
+        print(f"python -m hmnist.stages.evaluate, evaluate.bootstrap {bootstrap}: median {statistics.median(values):.2f} s, "
               f"best {min(values):.2f} s ({', '.join(f'{v:.2f}' for v in values)})")
 
     from hmnist.metrics import bootstrap_intervals

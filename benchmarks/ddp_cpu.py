@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ddp_cpu.py [--devices 2] [--lesions 400] [--epochs 2] [--repeat 2]
 
 Writes a synthetic archive in the Kaggle layout (hmnist.synthetic), prepares it at 64 px and
-splits it, then runs `python -m hmnist.train` (ResNet9 at 64 px, batch 64, no validation cost
+splits it, then runs `python -m hmnist.stages.train` (ResNet9 at 64 px, batch 64, no validation cost
 worth naming) with `train.devices: 1` and with `--devices`, both on the CPU, taking turns, and
 prints each run's wall clock (interpreter and worker start-up included) and the stage's own
 training images/s. With 1 process torch uses every core; with N, each worker gets cores / N
@@ -24,8 +24,8 @@ import yaml
 
 from hmnist.config import parse_params
 from hmnist.data import load_prepared
-from hmnist.prepare import prepare
-from hmnist.split import split_lesions, write_split
+from hmnist.stages.prepare import prepare
+from hmnist.stages.split import split_lesions, write_split
 from hmnist.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def main() -> None:
             raw["train"]["devices"] = devices
             (root / "params.yaml").write_text(yaml.safe_dump(raw))
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "hmnist.train"], cwd=root, env=env, check=True,
+            subprocess.run([sys.executable, "-m", "hmnist.stages.train"], cwd=root, env=env, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             seconds = time.perf_counter() - started
             meta = torch.load(root / "models/model.pt", weights_only=True)

@@ -6,7 +6,7 @@ Writes a synthetic zip in the Kaggle layout with 600x450 JPEGs (hmnist.synthetic
 on this machine in this run:
   naive: one process, each image read from the zip, fully decoded by PIL and resized to
          224x224 (`Image.open(f).convert('RGB').resize((224, 224))`), stacked and saved;
-  stage: `python -m hmnist.prepare` as a subprocess in a throwaway project, wall clock,
+  stage: `python -m hmnist.stages.prepare` as a subprocess in a throwaway project, wall clock,
          interpreter start-up included.
 Each is run --repeat times, interleaved; the best run counts (the others only suffer from noise).
 The default of 2,000 images keeps the stage's fixed cost (~0.2 s of imports and pool start-up,
@@ -50,7 +50,7 @@ def naive(archive_path: Path, out: Path) -> int:
 
 
 def stage(project: Path) -> None:
-    subprocess.run([sys.executable, "-m", "hmnist.prepare"], cwd=project, check=True,
+    subprocess.run([sys.executable, "-m", "hmnist.stages.prepare"], cwd=project, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -96,7 +96,7 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} CPUs, {cpu}")
         print(f"images: {args.images} of 600x450 -> {SIZE}x{SIZE}; best of {args.repeat} runs")
         print(f"naive (PIL full decode, 1 process):   {naive_s:6.2f} s  {args.images / naive_s:7.1f} images/s")
-        print(f"stage (python -m hmnist.prepare):     {stage_s:6.2f} s  {args.images / stage_s:7.1f} images/s")
+        print(f"stage (python -m hmnist.stages.prepare):     {stage_s:6.2f} s  {args.images / stage_s:7.1f} images/s")
         print(f"speedup: {naive_s / stage_s:.2f}x")
 
 

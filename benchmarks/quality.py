@@ -5,7 +5,7 @@
     python benchmarks/quality.py --archive ~/ham-real.zip --budget lite0 --configs today,notebook --seeds 0,1,2
 
 Each configuration is a set of params.yaml overrides, run as a user runs it: the stage commands
-`python -m hmnist.train` and `python -m hmnist.evaluate` in a throwaway project whose data/ is
+`python -m hmnist.stages.train` and `python -m hmnist.stages.evaluate` in a throwaway project whose data/ is
 shared by every run (download, prepare and split run once per archive, cache size and split seed).
 `--src` runs another checkout's code (e.g. a worktree of an older commit, for "today's recipe");
 stages meet only through files, so any version's stages work here. The `notebook` configuration
@@ -97,7 +97,7 @@ def run_stage(stage: str, project: Path, src: Path, log: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     with open(log, "a") as out:
-        result = subprocess.run([sys.executable, "-m", f"hmnist.{stage}"], cwd=project, env=env,
+        result = subprocess.run([sys.executable, "-m", f"hmnist.stages.{stage}"], cwd=project, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise SystemExit(f"{stage} failed in {project}: see {log}")
@@ -385,7 +385,7 @@ def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Pa
 
     from hmnist.config import parse_params
     from hmnist.data import load_prepared, load_split
-    from hmnist.train import train
+    from hmnist.stages.train import train
 
     first = next(iter(configs.values()))
     model = first["model"]

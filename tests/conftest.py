@@ -99,8 +99,8 @@ def prepared_split(folder: Path, archive: Path):
 
     from hmnist.config import parse_params
     from hmnist.data import load_prepared
-    from hmnist.prepare import prepare
-    from hmnist.split import split_lesions
+    from hmnist.stages.prepare import prepare
+    from hmnist.stages.split import split_lesions
 
     prepare(archive, folder, size=32, workers=1, progress=False)
     images, index = load_prepared(folder)

@@ -1,6 +1,6 @@
 import json
 
-from hmnist.bench import main
+from hmnist.commands.bench import main
 
 
 def test_bench_three_ways_on_cpu(tmp_path, monkeypatch):

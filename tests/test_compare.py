@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmnist.compare import compare
+from hmnist.commands.compare import compare
 from hmnist.runs import check_same_test_set, read_run
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
@@ -48,7 +48,7 @@ def hmnist(*args, cwd):
 
 def in_process(capsys, *args):
     """`hmnist compare ARGS` without a new interpreter: (exit code, stdout, stderr)."""
-    from hmnist.cli import main
+    from hmnist.commands.cli import main
 
     capsys.readouterr()
     try:

@@ -96,7 +96,7 @@ def test_stage_rejects_typo_before_work(tmp_path):
     params = real()
     params["split"]["sed"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "hmnist.split"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "hmnist.stages.split"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: params.yaml: unknown key 'split.sed' (known: seed, test, val)")
     assert "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ import yaml
 
 import hmnist
 from conftest import run
-from hmnist.cli import main as cli_main
+from hmnist.commands.cli import main as cli_main
 from hmnist.synthetic import image_folder
 
 pytestmark = pytest.mark.slow

@@ -25,10 +25,10 @@ from hmnist.data import load_prepared
 from hmnist.distributed import Ranks
 from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights
 from hmnist.errors import UserError
-from hmnist.prepare import prepare
-from hmnist.split import assign_folds, split_lesions, write_split
-from hmnist.train import main as train_main
-from hmnist.train import train
+from hmnist.stages.prepare import prepare
+from hmnist.stages.split import assign_folds, split_lesions, write_split
+from hmnist.stages.train import main as train_main
+from hmnist.stages.train import train
 
 
 def small_params(synthetic_zip, model: str, **settings):
@@ -128,7 +128,7 @@ def stage_env(**extra) -> dict:
 
 def start_stage(cwd: Path) -> subprocess.Popen:
     # its own session, as a terminal's foreground job: Ctrl-C is SIGINT to it, not to pytest
-    return subprocess.Popen([sys.executable, "-m", "hmnist.train"], cwd=cwd, env=stage_env(), text=True,
+    return subprocess.Popen([sys.executable, "-m", "hmnist.stages.train"], cwd=cwd, env=stage_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from hmnist.config import DataConfig
-from hmnist.download import ENDPOINT_VARIABLE, METADATA, download
+from hmnist.stages.download import ENDPOINT_VARIABLE, METADATA, download
 from hmnist.errors import UserError
 from hmnist.synthetic import write_dataset
 
@@ -337,12 +337,12 @@ def test_sources_that_are_not_ham10000(tmp_path):
 
 def run_stage(project: Path, home: Path, source: str, dataset: str = DATASET,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m hmnist.download` in `project`, with the real params.yaml pointed at `source`."""
+    """`python -m hmnist.stages.download` in `project`, with the real params.yaml pointed at `source`."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source=source, dataset=dataset)
     project.mkdir(exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return subprocess.run([sys.executable, "-m", "hmnist.download"], cwd=project, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hmnist.stages.download"], cwd=project, capture_output=True, text=True,
                           env={**isolated_env(home), **(env or {})}, timeout=120)
 
 
@@ -407,7 +407,7 @@ def test_cli_checks_params_before_any_work(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["sorce"] = "kaggle"
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "hmnist.download"], cwd=project, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "hmnist.stages.download"], cwd=project, capture_output=True,
                             text=True, env=isolated_env(home), timeout=120)
     assert_user_error(result, r"unknown key 'data\.sorce'")
     assert not (project / "data").exists()
@@ -430,7 +430,7 @@ def test_only_the_clients_no_credentials_exit_is_http_401(home, monkeypatch, tmp
     rejecting them. Any other exit is reported in the client's own words, not as a 401."""
     from kaggle.api.kaggle_api_extended import KaggleApi
 
-    from hmnist.download import _authenticated_api
+    from hmnist.stages.download import _authenticated_api
 
     def exits(printed):
         def authenticate(self):

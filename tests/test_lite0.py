@@ -34,7 +34,7 @@ def trained(synthetic_zip, tmp_path_factory) -> Path:
     # offline: nothing may reach for the hub
     env = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     for stage in ("prepare", "split", "train", "evaluate"):
-        run([sys.executable, "-m", f"hmnist.{stage}"], root, env=env)
+        run([sys.executable, "-m", f"hmnist.stages.{stage}"], root, env=env)
     return root
 
 

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 import hmnist
-from hmnist import predict as predict_module
+from hmnist.commands import predict as predict_module
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from hmnist.synthetic import image_folder
@@ -39,7 +39,7 @@ def trained(synthetic_zip, tmp_path_factory) -> Path:
     (root / ARCHIVE).parent.mkdir(parents=True)
     shutil.copy(synthetic_zip, root / ARCHIVE)
     for stage in ("prepare", "split", "train", "evaluate"):
-        run([sys.executable, "-m", f"hmnist.{stage}"], root)
+        run([sys.executable, "-m", f"hmnist.stages.{stage}"], root)
     return root
 
 
@@ -92,7 +92,7 @@ def assert_user_error(result_or_capture, code: int, *fragments: str) -> str:
 
 
 def main_error(capsys, *argv: str) -> str:
-    """Run `python -m hmnist.predict` in this process; return its one error line."""
+    """Run `python -m hmnist.commands.predict` in this process; return its one error line."""
     with pytest.raises(SystemExit) as exit_info:
         predict_module.main(list(argv))
     return assert_user_error(capsys.readouterr().err, exit_info.value.code)
@@ -139,8 +139,8 @@ def test_matches_evaluate_stage(trained, model, tmp_path):
     assert_submission(frame, ids)
     np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:8].to_numpy(), atol=1e-5)
 
-    # `python -m hmnist.predict`, writing to stdout, says the same
-    result = run([sys.executable, "-m", "hmnist.predict", "--checkpoint", str(trained / "models/model.pt"),
+    # `python -m hmnist.commands.predict`, writing to stdout, says the same
+    result = run([sys.executable, "-m", "hmnist.commands.predict", "--checkpoint", str(trained / "models/model.pt"),
                   "--device", "cpu", "--out", "-", str(tmp_path / "test_images")], tmp_path)
     from_stdout = pd.read_csv(io.StringIO(result.stdout))
     np.testing.assert_allclose(from_stdout.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:8].to_numpy(), atol=1e-5)
@@ -155,7 +155,7 @@ def test_tta_gives_other_valid_probabilities(trained, model, images):
 
 
 def test_evaluate_tta_matches_predict_tta(trained, model, tmp_path):
-    from hmnist import evaluate as evaluate_module
+    from hmnist.stages import evaluate as evaluate_module
     from hmnist.data import load_prepared, load_split, split_rows
     from hmnist.models import load_checkpoint
 
@@ -192,7 +192,7 @@ def test_predict_out_of_memory_halves_the_batch(trained, images, capsys):
 
 
 def test_evaluate_out_of_memory_halves_the_batch(trained, monkeypatch, capsys):
-    from hmnist import evaluate as evaluate_module
+    from hmnist.stages import evaluate as evaluate_module
     from hmnist.data import load_prepared
     from hmnist.models import load_checkpoint
 

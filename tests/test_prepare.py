@@ -17,11 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-import hmnist.prepare as prepare_module
+import hmnist.stages.prepare as prepare_module
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from hmnist.data import decode_image, load_prepared
-from hmnist.prepare import prepare
+from hmnist.stages.prepare import prepare
 from hmnist.synthetic import METADATA, image_folder
 
 from conftest import tiny_params
@@ -257,7 +257,7 @@ def test_interrupted_run_leaves_no_output(synthetic_zip, tmp_path, monkeypatch):
 # ---- the command line -----------------------------------------------------------------------
 
 def run_stage(cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hmnist.prepare"], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "hmnist.stages.prepare"], cwd=cwd, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -327,10 +327,10 @@ KILLING_STAGE = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import hmnist.prepare
+import hmnist.stages.prepare
 from faults import dying_decoder
-hmnist.prepare.decode_image = dying_decoder(Path("flag"), 9, "kill")
-hmnist.prepare.main()
+hmnist.stages.prepare.decode_image = dying_decoder(Path("flag"), 9, "kill")
+hmnist.stages.prepare.main()
 """
 
 
@@ -347,7 +347,7 @@ def test_cli_reports_a_failed_worker_in_one_line(case, cpu_hog, stage_dir, synth
         message = "error: a decoding process died before prepare finished"
     else:
         _corrupt_jpeg(synthetic_zip, archive)
-        command = [sys.executable, "-m", "hmnist.prepare"]
+        command = [sys.executable, "-m", "hmnist.stages.prepare"]
         message = "error: cannot decode image"
     for attempt in range(CLI_ATTEMPTS):
         (stage_dir / "flag").unlink(missing_ok=True)
@@ -385,7 +385,7 @@ def test_a_full_disk_is_one_line_before_decoding_and_leaves_nothing(cpu_hog, sma
     (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copy(synthetic_zip, stage_dir / "data/raw/skin-cancer-mnist-ham10000.zip")
     (stage_dir / "data/prepared").symlink_to(small_disk)
-    result = subprocess.run([sys.executable, "-m", "hmnist.prepare"], cwd=stage_dir, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "hmnist.stages.prepare"], cwd=stage_dir, capture_output=True, text=True,
                             timeout=DEADLINE)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hmnist.config import CLASSES
 from hmnist.metrics import recipe_intervals
-from hmnist.report import gallery_rows
+from hmnist.commands.report import gallery_rows
 from hmnist.runs import CHECKPOINT, PROB_COLUMNS, Run, read_run
 
 from conftest import BIN, make_project, run
@@ -95,7 +95,7 @@ def test_verdicts_are_those_of_compare(two_runs, page):
 
 
 def test_recipe_row_and_params(two_runs):
-    from hmnist.report import report
+    from hmnist.commands.report import report
 
     text = report([["HEAD", "seed1"]], repo=str(two_runs), per_kind=1, resamples=200, device="cpu")
     row = re.findall(r'<tr class="recipe">(.*?)</tr>', text, flags=re.S)
@@ -203,6 +203,6 @@ def test_in_a_browser_offline(page, tmp_path):
 
 def test_headline_metrics_are_the_interval_ones():
     from hmnist.metrics import INTERVAL_METRICS
-    from hmnist.report import HEADLINE
+    from hmnist.commands.report import HEADLINE
 
     assert HEADLINE == (*INTERVAL_METRICS, "ece")

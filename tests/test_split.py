@@ -8,7 +8,7 @@ import pytest
 
 from hmnist.config import CLASSES, SplitConfig
 from hmnist.errors import UserError
-from hmnist.split import split_lesions, split_stats, write_split
+from hmnist.stages.split import split_lesions, split_stats, write_split
 from hmnist.synthetic import metadata_frame
 
 
@@ -69,7 +69,7 @@ def test_mixed_dx_lesion_rejected(meta):
 def test_stage_needs_prepare(tmp_path):
     from conftest import REPO
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    result = subprocess.run([sys.executable, "-m", "hmnist.split"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "hmnist.stages.split"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: data/prepared/index.csv not found")
 
@@ -77,7 +77,7 @@ def test_stage_needs_prepare(tmp_path):
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_fold_split_never_trains_a_fold_on_its_own_validation_images(meta, k):
     from hmnist.data import fold_split
-    from hmnist.split import assign_folds
+    from hmnist.stages.split import assign_folds
 
     split = split_lesions(meta, SplitConfig())
     folds = assign_folds(split, k, seed=0)

@@ -1,5 +1,7 @@
 """The seams: stages meet only through files, and dvc.yaml says exactly what each stage runs and reads.
 
+- The tree shows the architecture: the stages in hmnist/stages/, the commands in
+  hmnist/commands/, the library modules they stand on in hmnist/ itself.
 - No module imports a stage module or a command module: stages share library modules only.
 - Each stage's code deps in dvc.yaml are the package modules it imports, transitively.
 - Each param a stage reads (recorded while it runs) is among its `params:` in dvc.yaml.
@@ -21,13 +23,19 @@ PACKAGE = REPO / "src" / "hmnist"
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 # a foreach stage (train_fold: one per cross-validation fold) keeps its definition under `do`
 DEFS = {name: stage.get("do", stage) for name, stage in DVC["stages"].items()}
+# stage name -> its module, dotted below hmnist ("stages.train")
 STAGES = {name: stage["cmd"].split("python -m hmnist.")[1].split()[0] for name, stage in DEFS.items()}
 # the arguments each stage's command gives main(), for the run that records params
 ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage in DEFS.items()}
-COMMANDS = {"predict", "compare", "report", "bench", "cli"}
+# every module of the package, dotted below hmnist: "config", "stages.train", "commands.cli"
+MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
+LIBRARY = {"config", "data", "models", "engine", "augment", "metrics", "distributed", "errors", "cam", "runs",
+           "synthetic"}
+COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.bench", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
-# errors.py holds only the wording of error messages, __init__.py only the `hmnist.load` entry point.
-NOT_DEPS = {"errors", "__init__"}
+# errors.py holds only the wording of error messages, the __init__.py files only docstrings and
+# the `hmnist.load` entry point.
+NOT_DEPS = {"errors", "__init__", "stages.__init__", "commands.__init__"}
 # download's output is the archive itself: re-fetching 5 GB because params code changed helps
 # nobody, so it depends on its own module only.
 OWN_MODULE_ONLY = {"download"}
@@ -37,19 +45,23 @@ NO_EFFECT_PARAMS = {
 }
 
 
+def source(module: str) -> Path:
+    return PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+
+
 def package_imports(module: str) -> set[str]:
-    """The hmnist modules `module` imports anywhere in its source (top level or in functions)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    """The hmnist modules `module` imports anywhere in its source (top level or in functions), dotted."""
+    tree = ast.parse(source(module).read_text())
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "hmnist":
-                found |= {alias.name for alias in node.names}
-            elif node.module.startswith("hmnist."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hmnist":
+            below = node.module.removeprefix("hmnist").removeprefix(".")
+            for alias in node.names:  # `from hmnist.stages import train` names a module; `from hmnist.data import X` not
+                candidate = f"{below}.{alias.name}" if below else alias.name
+                found.add(candidate if candidate in MODULES else below)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("hmnist.")}
-    return found - {module}
+            found |= {a.name.removeprefix("hmnist.") for a in node.names if a.name.startswith("hmnist.")}
+    return found - {module, ""}
 
 
 def closure(module: str) -> set[str]:
@@ -63,24 +75,34 @@ def closure(module: str) -> set[str]:
 
 
 def test_the_stage_modules_are_the_ones_dvc_runs():
-    assert set(STAGES.values()) == {"download", "prepare", "split", "train", "evaluate"}
+    assert set(STAGES.values()) == {f"stages.{m}" for m in ("download", "prepare", "split", "train", "evaluate")}
 
 
-@pytest.mark.parametrize("module", sorted(p.stem for p in PACKAGE.glob("*.py")))
+def test_the_tree_shows_the_architecture():
+    """Every module is a stage (stages/), a command (commands/) or a library module (the top level)."""
+    placed = set(STAGES.values()) | COMMANDS | LIBRARY | NOT_DEPS
+    assert set(MODULES) == placed, f"modules not placed: {sorted(set(MODULES) ^ placed)}"
+    assert all("." not in m for m in LIBRARY)
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_no_module_imports_a_stage_or_a_command(module):
     forbidden = (set(STAGES.values()) | COMMANDS) - {module}
     if module == "__init__":
-        forbidden -= {"predict"}  # `hmnist.load` hands out the predict command's Predictor, lazily
-    assert package_imports(module) & forbidden == set(), f"{module}.py imports a stage or command module"
+        forbidden -= {"commands.predict"}  # `hmnist.load` hands out the predict command's Predictor, lazily
+    if module == "commands.cli":
+        forbidden -= COMMANDS  # the dispatcher: `hmnist predict` runs the predict command
+    assert package_imports(module) & forbidden == set(), f"{module} imports a stage or command module"
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_code_deps_are_the_imported_modules(stage):
     module = STAGES[stage]
-    listed = {Path(d).stem for d in DEFS[stage]["deps"] if d.startswith("src/")}
+    listed = {".".join(Path(d).relative_to("src/hmnist").with_suffix("").parts)
+              for d in DEFS[stage]["deps"] if d.startswith("src/")}
     expected = {module} if stage in OWN_MODULE_ONLY else closure(module) - NOT_DEPS
     assert listed == expected, (f"dvc.yaml stage {stage}: code deps should be "
-                                f"{sorted(f'src/hmnist/{m}.py' for m in expected)}")
+                                f"{sorted(str(source(m).relative_to(REPO)) for m in expected)}")
 
 
 # -- params read while each stage runs -------------------------------------------------------

@@ -15,10 +15,10 @@ from hmnist.data import load_prepared, split_rows
 from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda
 from hmnist.errors import UserError
 from hmnist.models import create_model
-from hmnist.prepare import prepare
-from hmnist.split import split_lesions
-from hmnist import train as train_module
-from hmnist.train import train
+from hmnist.stages.prepare import prepare
+from hmnist.stages.split import split_lesions
+from hmnist.stages import train as train_module
+from hmnist.stages.train import train
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +462,7 @@ def test_cuda_without_a_gpu_names_the_setting():
 
 
 def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path, monkeypatch, capsys):
-    from hmnist.split import assign_folds, write_split
+    from hmnist.stages.split import assign_folds, write_split
 
     raw = tiny_params(synthetic_zip)
     raw["models"]["resnet9"]["epochs"] = 3

@@ -12,7 +12,7 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from hmnist.predict import Predictor
+    from hmnist.commands.predict import Predictor
 
 __all__ = ["load"]
 
@@ -20,6 +20,6 @@ __all__ = ["load"]
 def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto") -> Predictor:
     """A trained checkpoint (from the train stage), ready to `.predict(paths)`; a list of
     checkpoints (cross-validation folds) predicts their averaged probabilities."""
-    from hmnist.predict import Predictor
+    from hmnist.commands.predict import Predictor
 
     return Predictor(checkpoint, device)

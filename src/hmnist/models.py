@@ -315,7 +315,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a readable hmnist checkpoint (truncated or not a torch file): "
                         f"{type(e).__name__}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not an hmnist checkpoint (made by `python -m hmnist.train`)")
+        raise UserError(f"{path} is not an hmnist checkpoint (made by `python -m hmnist.stages.train`)")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} is checkpoint version {checkpoint.get('version')}, "
                         f"this hmnist reads version {CHECKPOINT_VERSION}")

@@ -1,8 +1,8 @@
 """Train-step throughput three ways, and the wall time of `dvc repro` per model.
 
-    python -m hmnist.bench --model deit                      # the three ways, one model
-    python -m hmnist.bench --model deit --ways model,pipeline,input --rounds 5 --profile 10
-    python -m hmnist.bench --repro --models deit,swin,resnet9  # whole pipeline per model
+    python -m hmnist.commands.bench --model deit                      # the three ways, one model
+    python -m hmnist.commands.bench --model deit --ways model,pipeline,input --rounds 5 --profile 10
+    python -m hmnist.commands.bench --repro --models deit,swin,resnet9  # whole pipeline per model
 
 The three ways, in one run on one machine, each timed over the same number of train steps:
   model     the model alone on a batch already on the device (the ceiling, as timm's benchmark)
@@ -39,7 +39,7 @@ from hmnist.engine import (SmoothedCrossEntropy, autocast, backward_batch, class
 from hmnist.models import create_model, data_config
 from hmnist.synthetic import write_dataset
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _sync(device: torch.device) -> None:
@@ -303,7 +303,7 @@ def _repro_project(root: Path, project: Path) -> tuple[Callable[[str], float], s
     def run(stage: str) -> float:
         # one stage at a time (dvc repro --single-item), so each stage's wall time is known
         cmd = ([sys.executable, "-m", "dvc", "repro", "--single-item", stage] if have_dvc
-               else [sys.executable, "-m", f"hmnist.{stage}"])
+               else [sys.executable, "-m", f"hmnist.stages.{stage}"])
         started = time.perf_counter()
         subprocess.run(cmd, cwd=project, check=True, stdout=sys.stderr, env=env)
         return time.perf_counter() - started

@@ -3,7 +3,7 @@
     hmnist predict --checkpoint models/model.pt PATH... [--out predictions.csv]
     hmnist predict --checkpoint models/model.pt --checkpoint models/fold1.pt ... PATH...   (an ensemble)
     hmnist predict --checkpoint models/model.pt PATH... --explain maps/   (and each image's class-activation map)
-    python -m hmnist.predict --checkpoint models/model.pt PATH...     (the same arguments)
+    python -m hmnist.commands.predict --checkpoint models/model.pt PATH...     (the same arguments)
 
 PATH is any mix of image files and folders; folders are searched recursively for JPEG and
 PNG files (.jpg, .jpeg, .png, any case), skipping hidden files and folders as a shell glob
@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.predict", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
 

@@ -17,9 +17,9 @@ from hmnist.errors import cli
 # name -> (module, one-line help). Modules keep their heavy imports (torch, timm) inside
 # functions, so building the parser, and `hmnist --help`, stays fast.
 SUBCOMMANDS = {
-    "predict": ("hmnist.predict", "classify image files and write an ISIC 2018 submission CSV"),
-    "compare": ("hmnist.compare", "B - A per test metric, with a 95%% paired lesion-bootstrap interval"),
-    "report": ("hmnist.report", "one offline HTML page: runs, paired differences, plots, class-activation maps"),
+    "predict": ("hmnist.commands.predict", "classify image files and write an ISIC 2018 submission CSV"),
+    "compare": ("hmnist.commands.compare", "B - A per test metric, with a 95%% paired lesion-bootstrap interval"),
+    "report": ("hmnist.commands.report", "one offline HTML page: runs, paired differences, plots, class-activation maps"),
 }
 
 

@@ -1,6 +1,6 @@
 """Stage `download`: the HAM10000 Kaggle zip, fetched from Kaggle or taken from a local copy.
 
-    python -m hmnist.download    # reads data.source and data.dataset from params.yaml
+    python -m hmnist.stages.download    # reads data.source and data.dataset from params.yaml
 
 `data.source: kaggle` downloads `data.dataset` with the official `kaggle` client, using the
 credentials Kaggle users already have (KAGGLE_API_TOKEN, ~/.kaggle/access_token, kaggle.json,

@@ -3,7 +3,7 @@ plots, and per-class galleries with class-activation maps.
 
     hmnist report A [B ...] [-o report.html] [--gallery 3]
     hmnist report A1,A2,A3 B1,B2,B3            (recipes: a recipe's runs, e.g. seeds, as one row)
-    python -m hmnist.report A B                (the same arguments)
+    python -m hmnist.commands.report A B                (the same arguments)
 
 A, B ... name runs as `hmnist compare` does (experiments, git revisions or branches,
 `workspace`); comma-separated runs are one recipe, as in `hmnist compare A1,A2,A3 B1,B2,B3`.
@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.report", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
 

@@ -3,7 +3,7 @@ paired bootstrap interval.
 
     hmnist compare A B [--json] [--resamples 2000] [--seed 0]
     hmnist compare A1,A2,A3 B1,B2,B3                      (recipes: several runs, e.g. seeds, per side)
-    python -m hmnist.compare A B                          (the same arguments)
+    python -m hmnist.commands.compare A B                          (the same arguments)
 
 A and B are experiment names, git revisions or branches (as `dvc metrics diff` takes them),
 `workspace` (the files in the working tree), or paths to predictions CSV files in the layout
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.compare", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
 

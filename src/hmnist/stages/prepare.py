@@ -1,6 +1,6 @@
 """Stage prepare: decode every HAM10000 JPEG once into a uint8 array.
 
-    python -m hmnist.prepare    (params: prepare.size, prepare.workers)
+    python -m hmnist.stages.prepare    (params: prepare.size, prepare.workers)
 
 Reads data/raw/skin-cancer-mnist-ham10000.zip in place (no unpacking) and writes
 data/prepared/images.npy, an N x size x size x 3 uint8 RGB array, and data/prepared/index.csv

@@ -416,10 +416,10 @@ def remove_abandoned_states(folder: Path, keep: Path) -> list[Path]:
 
 @cli
 def main(argv: list[str] | tuple[str, ...] = ()) -> None:
-    """`python -m hmnist.train [--fold K]`: fold 0 is the train stage, fold k >= 1 train_fold@k."""
+    """`python -m hmnist.stages.train [--fold K]`: fold 0 is the train stage, fold k >= 1 train_fold@k."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hmnist.train")
+    parser = argparse.ArgumentParser(prog="python -m hmnist.stages.train")
     parser.add_argument("--fold", type=int, default=0, help="which cross-validation fold validates (default 0)")
     fold = parser.parse_args(argv).fold
     params = load_params()
@@ -429,7 +429,7 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> None:
         split = fold_split(load_split(), load_folds(), fold)
         shared_batch_size(params, int((split["split"] == "train").sum()), processes)
         # torchrun runs this main() in each worker, with the same fold
-        distributed.launch("hmnist.train", processes, params.train.device, [f"--fold={fold}"])
+        distributed.launch("hmnist.stages.train", processes, params.train.device, [f"--fold={fold}"])
         return
     with distributed.worker(params.train.device) as ranks:
         _main(params, fold, ranks)
