@@ -60,6 +60,27 @@ def test_pretrained_path_loads_local_weights(tmp_path):
         assert not torch.allclose(features, scratch.eval().forward_features(x), atol=1e-2)
 
 
+@pytest.mark.parametrize("arch", ["resnet9", "deit_tiny_patch16_224"])
+def test_another_architectures_file_is_one_line_not_a_silent_scratch_run(tmp_path, arch):
+    # timm loads these non-strictly: resnet18's tensors would be skipped with a log line and the
+    # model would train from scratch under the name of a fine-tuning run
+    path = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18", num_classes=1000).state_dict(), str(path))
+    with pytest.raises(UserError, match=rf"^pretrained_path {path} holds weights for only 0 of {arch}'s \d+ tensors: "
+                                        "it is another architecture's file"):
+        create_model(ModelConfig(arch=arch, resize=224, pretrained=True, pretrained_path=str(path)))
+
+
+def test_own_architectures_file_loads_every_backbone_tensor(tmp_path):
+    torch.manual_seed(3)
+    source = timm.create_model("resnet9", num_classes=7)
+    path = tmp_path / "resnet9.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model(ModelConfig(arch="resnet9", resize=32, pretrained=True, pretrained_path=str(path)))
+    for name, tensor in source.state_dict().items():  # all but the head, which starts afresh
+        assert torch.equal(model.state_dict()[name], tensor) != name.startswith("fc."), name
+
+
 def test_pretrained_path_resamples_position_embedding(tmp_path):
     source = timm.create_model("deit_tiny_patch16_224", num_classes=1000)
     path = tmp_path / "model.safetensors"

