@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+import contextlib
+import os
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from hmnist.errors import UserError
+from hmnist.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,6 +102,21 @@ def load_prepared(folder: str | Path = PREPARED) -> tuple[np.ndarray, pd.DataFra
         raise UserError(f"{folder}: {IMAGES_FILE} holds {len(images)} images but {INDEX_FILE} lists {len(index)}: "
                         "run the prepare stage again")
     return images, index
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(partial)` under a temporary name beside `path`, renamed to `path` when complete, so
+    no reader (DVC included) ever sees half a file. An OSError (a folder that cannot be made, a
+    full disk, permissions) is a UserError naming `path`, and no partial file is left."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(partial)
+        os.replace(partial, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # when the folder could not be made, neither can this: e is the cause
+            partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
 
 
 def load_split(path: str | Path = SPLIT) -> pd.DataFrame:

@@ -92,6 +92,8 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def resnet9(pretrained: bool = False, **kwargs: Any) -> ResNet9:
     kwargs.pop("img_size", None)  # fully convolutional: any size works
+    if kwargs.pop("drop_path_rate", 0):  # ResNet9 takes **kwargs, so it would ignore it unsaid
+        raise UserError("resnet9 has no stochastic depth: set its drop_path_rate to 0")
     return build_model_with_cfg(ResNet9, "resnet9", pretrained, **kwargs)
 
 

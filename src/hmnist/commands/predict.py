@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from hmnist.config import CLASSES, DEVICES, TTA
-from hmnist.errors import UserError, at_least, cli, first_line
+from hmnist.errors import UserError, at_least, cli
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.
@@ -269,15 +269,9 @@ def write_submission(frame: pd.DataFrame, out: str) -> None:
     if out == "-":
         frame.to_csv(sys.stdout, index=False, lineterminator="\n")
         return
-    path = Path(out)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(partial, index=False, lineterminator="\n")
-        os.replace(partial, path)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    from hmnist.data import write_whole
+
+    write_whole(Path(out), lambda partial: frame.to_csv(partial, index=False, lineterminator="\n"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hmnist.config import CLASSES, DEVICES
-from hmnist.errors import UserError, at_least, cli, first_line
+from hmnist.data import write_whole
+from hmnist.errors import UserError, at_least, cli
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
                          run_predictions)
 
@@ -307,14 +308,7 @@ def run(args: argparse.Namespace) -> None:
     recipes = [parse_recipe(text) for text in args.recipes]
     page = report(recipes, args.repo, args.gallery, args.resamples, args.seed, args.device, progress=True)
     path = Path(args.out)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(page, encoding="utf-8")
-        partial.replace(path)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    write_whole(path, lambda partial: partial.write_text(page, encoding="utf-8"))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {sum(map(len, recipes))} run(s)) in "
           f"{time.perf_counter() - started:.0f} s")
 
