@@ -41,6 +41,7 @@ VALID_AUTH = {
 DATASET = "kmader/skin-cancer-mnist-ham10000"
 RULES_NOT_ACCEPTED = "someone/rules-not-accepted"  # the fake answers 403 for this one
 NO_SUCH_DATASET = "someone/no-such-dataset"  # and 404 for this one
+SERVER_ERROR = "someone/server-error"  # and 500 for this one
 
 
 class FakeKaggle:
@@ -80,6 +81,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(403, {"code": 403, "message": "You must accept this dataset's rules"})
         if dataset == NO_SUCH_DATASET:
             return self._json(404, {"code": 404, "message": "Not found"})
+        if dataset == SERVER_ERROR:
+            return self._json(500, {"code": 500, "message": "Internal error"})
         # Kaggle answers with a redirect to a signed storage URL; the client follows it.
         self.send_response(302)
         self.send_header("Location", f"/files/{body.get('datasetSlug')}.zip")
@@ -223,8 +226,18 @@ def test_rules_not_accepted(home, fake_kaggle, tmp_path, monkeypatch):
 def test_dataset_not_found(home, fake_kaggle, tmp_path, monkeypatch):
     setenv(monkeypatch, {**credentials("kaggle.json", home), ENDPOINT_VARIABLE: fake_kaggle.url})
     data = DataConfig(source="kaggle", dataset=NO_SUCH_DATASET)
-    with pytest.raises(UserError, match=f"{NO_SUCH_DATASET} not found.*HTTP 404.*data.dataset"):
+    with pytest.raises(UserError, match=rf"^dataset {NO_SUCH_DATASET} not found on Kaggle \(HTTP 404\): "
+                                        r"check data.dataset in params.yaml$"):
         download(data, tmp_path / "out.zip")
+
+
+def test_kaggle_server_error(home, fake_kaggle, tmp_path, monkeypatch):
+    setenv(monkeypatch, {**credentials("kaggle.json", home), ENDPOINT_VARIABLE: fake_kaggle.url})
+    data = DataConfig(source="kaggle", dataset=SERVER_ERROR)
+    with pytest.raises(UserError, match=rf"^Kaggle answered HTTP 500 for {SERVER_ERROR}: try again later, "
+                                        r"or set data.source in params.yaml to a local copy of the dataset$"):
+        download(data, tmp_path / "out.zip")
+    assert not (tmp_path / "out.zip").exists()
 
 
 def test_kaggle_unreachable_fails_fast(home, tmp_path, monkeypatch):
