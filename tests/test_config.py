@@ -67,6 +67,13 @@ def test_params_are_frozen():
     (lambda p: p["evaluate"].update(bootstrap=50), "evaluate.bootstrap must be 0 (no intervals) or at least 100 resamples"),
     (lambda p: p["cv"].update(folds=21), "cv.folds must be between 1 and 20"),
     (lambda p: p["cv"].update(other_folds=3), "cv.other_folds must be a list"),
+    (lambda p: p.update(train=5), "train must be a mapping, got 5"),
+    (lambda p: p.update(models={}), "models must be a non-empty mapping of names to settings"),
+    (lambda p: p["split"].update(seed=None), "split.seed must be set (got null)"),
+    (lambda p: p["data"].update(source=" "), "data.source must be 'kaggle' or a path to the dataset"),
+    (lambda p: p["models"]["deit"].update(arch=""), "models.deit.arch must name a timm architecture"),
+    (lambda p: p["models"]["lite0"].update(warmup_epochs=-1),
+     "models.lite0.warmup_epochs must be >= 0 or null (train.warmup_epochs), got -1"),
     (lambda p: p["cv"].update(folds=5), "cv.other_folds must be [1, 2, 3, 4] for cv.folds=5 (one train_fold stage each; "
                                         "DVC cannot count to cv.folds by itself): dvc exp run -S cv.folds=5 "
                                         "-S 'cv.other_folds=[1,2,3,4]'"),
