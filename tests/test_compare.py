@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from hmnist.commands.compare import compare
-from hmnist.runs import check_same_test_set, read_run
+from hmnist.runs import _with_truth, check_same_test_set, read_run
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from hmnist.metrics import paired_bootstrap, verdict
@@ -103,6 +103,17 @@ def test_errors(runs, tmp_path, capsys, monkeypatch):
         assert code == 2, (args, out, err)
         assert err.startswith("error: ") and message in err, err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_old_predictions_take_the_truth_from_their_split():
+    """An older evaluate stage's predictions have no dx: the run's data/split.csv supplies it,
+    and predictions of images that split does not hold are an error, not rows without a class."""
+    old = predictions([0, 1], [0, 1], signal=1.0, seed=0).drop(columns=["lesion_id", "dx"])
+    split = pd.DataFrame({"image_id": ["ISIC_0000000", "ISIC_0000001"], "lesion_id": ["HAM_a", "HAM_b"],
+                          "dx": ["mel", "nv"], "split": ["test", "test"]})
+    assert _with_truth(old, split, "old-run")["dx"].tolist() == ["mel", "nv"]
+    with pytest.raises(UserError, match="^old-run: predictions/test.csv lists images that data/split.csv does not$"):
+        _with_truth(old, split.iloc[:1], "old-run")
 
 
 def test_without_lesion_ids_images_are_the_unit(runs, capsys):

@@ -67,6 +67,13 @@ def test_params_are_frozen():
     (lambda p: p["evaluate"].update(bootstrap=50), "evaluate.bootstrap must be 0 (no intervals) or at least 100 resamples"),
     (lambda p: p["cv"].update(folds=21), "cv.folds must be between 1 and 20"),
     (lambda p: p["cv"].update(other_folds=3), "cv.other_folds must be a list"),
+    (lambda p: p.update(train=5), "train must be a mapping, got 5"),
+    (lambda p: p.update(models={}), "models must be a non-empty mapping of names to settings"),
+    (lambda p: p["split"].update(seed=None), "split.seed must be set (got null)"),
+    (lambda p: p["data"].update(source=" "), "data.source must be 'kaggle' or a path to the dataset"),
+    (lambda p: p["models"]["deit"].update(arch=""), "models.deit.arch must name a timm architecture"),
+    (lambda p: p["models"]["lite0"].update(warmup_epochs=-1),
+     "models.lite0.warmup_epochs must be >= 0 or null (train.warmup_epochs), got -1"),
     (lambda p: p["cv"].update(folds=5), "cv.other_folds must be [1, 2, 3, 4] for cv.folds=5 (one train_fold stage each; "
                                         "DVC cannot count to cv.folds by itself): dvc exp run -S cv.folds=5 "
                                         "-S 'cv.other_folds=[1,2,3,4]'"),
@@ -123,12 +130,12 @@ def test_exponent_without_a_dot_is_a_float():
         parse_params(params)
 
 
-def test_every_param_is_documented_in_the_readme():
-    """Each key of params.yaml has a row in README's Parameters table (models.<name>.KEY for
+def test_every_param_is_documented():
+    """Each key of params.yaml has a row in docs/parameters.md's table (models.<name>.KEY for
     the per-model settings), with the default the file has for the scalar ones outside models."""
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("## Parameters"):]
-    table = table[:table.index("\n## ", 1)]
+    page = (REPO / "docs" / "parameters.md").read_text()
+    table = page[page.index("| key | default | meaning |"):]
+    table = table[:table.index("\n\n")]
     rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip().strip("`")
             for line in table.splitlines() if line.startswith("| `")}
 
@@ -147,7 +154,7 @@ def test_every_param_is_documented_in_the_readme():
             missing.append(name)
         elif not key.startswith("models.") and not isinstance(value, list):
             assert rows[name] == str(value).lower() or yaml.safe_load(rows[name]) == value, (name, rows[name], value)
-    assert not missing, f"params without a README row: {sorted(set(missing))}"
+    assert not missing, f"params without a row in docs/parameters.md: {sorted(set(missing))}"
 
 
 # ---- a params file read while another run rewrites it ------------------------------------------
@@ -187,20 +194,24 @@ def test_paths_expand_home_and_variables(monkeypatch, tmp_path):
     assert user_path("relative/ham.zip") == Path("relative/ham.zip")
 
 
-def test_the_readme_data_source_example_parses_in_dvc(tmp_path, monkeypatch):
-    """The README's `dvc exp run -S` example goes through DVC's own override parser (what -S
-    calls) and lands in params.yaml as a path that hmnist expands. An unquoted ~ does not parse."""
+def test_the_documented_data_source_examples_parse_in_dvc(tmp_path, monkeypatch):
+    """The `dvc exp run -S` example of a local copy (docs/data.md, and the README's if it has
+    one) goes through DVC's own override parser (what -S calls) and lands in params.yaml as a
+    path that hmnist expands. An unquoted ~ does not parse, and no page shows it unquoted."""
     from dvc.utils.hydra import apply_overrides
 
-    readme = (REPO / "README.md").read_text()
-    example = re.search(r"dvc exp run -S '(data\.source=\"~/[^\"]+\")'", readme)
-    assert example, "the README has no quoted ~ example for data.source"
-    params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text())
-    apply_overrides(params, [example.group(1)])
-    source = load_params(params).data.source
-    assert source == "~/datasets/ham10000.zip"
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert user_path(source) == tmp_path / "datasets/ham10000.zip"
+    quoted = r"dvc exp run -S '(data\.source=\"~/[^\"]+\")'"
+    pages = {path: path.read_text() for path in (REPO / "docs" / "data.md", REPO / "README.md")}
+    assert re.search(quoted, pages[REPO / "docs" / "data.md"]), "docs/data.md has no quoted ~ example for data.source"
+    for path, text in pages.items():
+        assert not re.search(r"-S '?data\.source=~", text), f"{path.name} shows a ~ that -S cannot parse"
+        for example in re.findall(quoted, text):
+            params = tmp_path / "params.yaml"
+            params.write_text((REPO / "params.yaml").read_text())
+            apply_overrides(params, [example])
+            source = load_params(params).data.source
+            assert source == "~/datasets/ham10000.zip", (path.name, source)
+            monkeypatch.setenv("HOME", str(tmp_path))
+            assert user_path(source) == tmp_path / "datasets/ham10000.zip"
     with pytest.raises(Exception, match="Invalid `--set-param` value"):
         apply_overrides(params, ["data.source=~/datasets/ham10000.zip"])  # what the README said before

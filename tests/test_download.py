@@ -332,7 +332,7 @@ def test_missing_source(tmp_path):
 
 def test_source_that_is_not_a_zip(tmp_path):
     (tmp_path / "dataset.zip").write_text("not a zip")
-    with pytest.raises(UserError, match="dataset.zip is not a zip file"):
+    with pytest.raises(UserError, match=r"dataset.zip is not a zip file \(give the Kaggle zip or its unpacked folder\)$"):
         download(DataConfig(source=str(tmp_path / "dataset.zip")), tmp_path / "raw" / "out.zip")
     assert list((tmp_path / "raw").iterdir()) == []
 

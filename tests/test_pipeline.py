@@ -1,6 +1,6 @@
 """End to end through DVC on the synthetic archive: what a user runs, on a CPU: repro, an
 experiment, metrics diff, hmnist compare, and sharing the experiment with a second clone
-through a git remote and a DVC remote (README, "Sharing experiments")."""
+through a git remote and a DVC remote (docs/sharing.md, "Sharing experiments")."""
 import json
 import zipfile
 

@@ -219,6 +219,18 @@ def test_api(trained, model, images):
     assert frame.attrs["skipped"] == []
 
 
+def test_api_argument_errors():
+    """What only a Python caller can get wrong; the command line's choices rule these out."""
+    from hmnist.engine import tta_views
+
+    with pytest.raises(UserError, match="^no checkpoint given$"):
+        hmnist.load([], device="cpu")
+    with pytest.raises(UserError, match=r"^--device must be one of auto, cuda, cuda:K, cpu, got 'gpu'$"):
+        hmnist.load("models/model.pt", device="gpu")  # the device is checked before the checkpoint is read
+    with pytest.raises(UserError, match=r"^test-time augmentation must be one of none, flips, dihedral, got 'turns'$"):
+        tta_views(torch.zeros(1, 3, 4, 4), "turns")
+
+
 def test_import_is_light():
     code = "import sys, hmnist; assert callable(hmnist.load); print(sorted(m for m in ('torch', 'timm', 'pandas') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,7 +7,7 @@ not the logit: its gradient is the class's logit against the others' (what made 
 while a logit alone can be below zero everywhere in a head with a large negative bias — a
 trained ResNet9 on real images gave an all-zero map for every image that way. Which layer, by
 model family
-(README, "Class-activation maps"):
+(docs/metrics.md, "Class-activation maps"):
 
 - CNNs (resnet9, EfficientNet-Lite, any timm CNN): the feature map `forward_features` returns,
   the last convolutional stage, which the head pools: resnet9's last residual stage (512

@@ -276,7 +276,7 @@ def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
 
 
 # Two `dvc exp run` in one workspace rewrite params.yaml under each other: a stage can read it
-# empty or cut short. The README says how to run experiments side by side instead.
+# empty or cut short. docs/sharing.md says how to run experiments side by side instead.
 REWRITTEN = "is another dvc exp run rewriting it? Run experiments side by side with dvc exp run --queue"
 
 

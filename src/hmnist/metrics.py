@@ -37,7 +37,7 @@ def summary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """The test metrics of metrics/metrics.json (README, "Metrics")."""
+    """The test metrics of metrics/metrics.json (docs/metrics.md, "Metrics")."""
     predicted = probs.argmax(1)
     all_labels = list(range(len(CLASSES)))
     precision, recall, f1, support = precision_recall_fscore_support(
