@@ -72,3 +72,36 @@ def test_three_folds(project, tmp_path, capsys):
     np.testing.assert_allclose(ensemble[COLUMNS].to_numpy(), test[COLUMNS].to_numpy(), atol=1e-5)
     one = hmnist.load(project / "models/fold1.pt", device="cpu").predict(images)
     assert np.abs(one[COLUMNS].to_numpy() - test[COLUMNS].to_numpy()).max() > 1e-3  # a fold alone is not the ensemble
+
+    # the cross-validation figures, recomputed here from each fold model's own predictions
+    # (decoded from the JPEGs by predict, not from evaluate's cache) with scikit-learn
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    classes = [c.lower() for c in COLUMNS]
+    models = {0: "model", 1: "fold1", 2: "fold2"}
+    per_fold = []
+    for fold, name in models.items():
+        probs = hmnist.load(project / f"models/{name}.pt", device="cpu").predict(images)
+        predicted = [classes[i] for i in probs[COLUMNS].to_numpy().argmax(1)]
+        truth = test.set_index("image").loc[probs["image"], "dx"]
+        per_fold.append((balanced_accuracy_score(truth, predicted), accuracy_score(truth, predicted)))
+    for i, name in enumerate(("balanced_accuracy", "accuracy")):
+        values = [scores[i] for scores in per_fold]
+        assert metrics["cv"][f"{name}_mean"] == pytest.approx(np.mean(values), abs=1e-9), name
+        assert metrics["cv"][f"{name}_sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-9), name
+    # out of fold: every non-test image predicted by the one model that did not train on it
+    oof_truth, oof_predicted = [], []
+    with zipfile.ZipFile(project / "data/raw/skin-cancer-mnist-ham10000.zip") as archive:
+        for fold, name in models.items():
+            held_out = tmp_path / f"fold{fold}"
+            held_out.mkdir()
+            ids = folds.loc[folds["fold"] == fold, "image_id"]
+            for image_id in ids:
+                (held_out / f"{image_id}.jpg").write_bytes(archive.read(f"{image_folder(image_id)}/{image_id}.jpg"))
+            probs = hmnist.load(project / f"models/{name}.pt", device="cpu").predict(held_out)
+            oof_predicted += [classes[i] for i in probs[COLUMNS].to_numpy().argmax(1)]
+            oof_truth += folds.set_index("image_id").loc[probs["image"], "dx"].tolist()
+    assert len(oof_truth) == len(folds)
+    assert metrics["cv"]["out_of_fold"]["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(oof_truth, oof_predicted), abs=1e-9)
+    assert metrics["cv"]["out_of_fold"]["accuracy"] == pytest.approx(accuracy_score(oof_truth, oof_predicted), abs=1e-9)
