@@ -223,20 +223,15 @@ def test_rules_not_accepted(home, fake_kaggle, tmp_path, monkeypatch):
         download(data, tmp_path / "out.zip")
 
 
-def test_dataset_not_found(home, fake_kaggle, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset, message", [
+    (NO_SUCH_DATASET, rf"^dataset {NO_SUCH_DATASET} not found on Kaggle \(HTTP 404\): check data.dataset in params.yaml$"),
+    (SERVER_ERROR, rf"^Kaggle answered HTTP 500 for {SERVER_ERROR}: try again later, "
+                   r"or set data.source in params.yaml to a local copy of the dataset$"),
+])
+def test_dataset_not_found_or_server_error(dataset, message, home, fake_kaggle, tmp_path, monkeypatch):
     setenv(monkeypatch, {**credentials("kaggle.json", home), ENDPOINT_VARIABLE: fake_kaggle.url})
-    data = DataConfig(source="kaggle", dataset=NO_SUCH_DATASET)
-    with pytest.raises(UserError, match=rf"^dataset {NO_SUCH_DATASET} not found on Kaggle \(HTTP 404\): "
-                                        r"check data.dataset in params.yaml$"):
-        download(data, tmp_path / "out.zip")
-
-
-def test_kaggle_server_error(home, fake_kaggle, tmp_path, monkeypatch):
-    setenv(monkeypatch, {**credentials("kaggle.json", home), ENDPOINT_VARIABLE: fake_kaggle.url})
-    data = DataConfig(source="kaggle", dataset=SERVER_ERROR)
-    with pytest.raises(UserError, match=rf"^Kaggle answered HTTP 500 for {SERVER_ERROR}: try again later, "
-                                        r"or set data.source in params.yaml to a local copy of the dataset$"):
-        download(data, tmp_path / "out.zip")
+    with pytest.raises(UserError, match=message):
+        download(DataConfig(source="kaggle", dataset=dataset), tmp_path / "out.zip")
     assert not (tmp_path / "out.zip").exists()
 
 
