@@ -92,8 +92,8 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def resnet9(pretrained: bool = False, **kwargs: Any) -> ResNet9:
     kwargs.pop("img_size", None)  # fully convolutional: any size works
-    if kwargs.pop("drop_path_rate", 0):  # ResNet9 takes **kwargs, so it would ignore it unsaid
-        raise UserError("resnet9 has no stochastic depth: set its drop_path_rate to 0")
+    if kwargs.pop("drop_path_rate", 0):  # ResNet9 takes **kwargs, so it would ignore it unsaid: refuse it as timm's CNNs do
+        raise TypeError("resnet9() got an unexpected keyword argument 'drop_path_rate'")
     return build_model_with_cfg(ResNet9, "resnet9", pretrained, **kwargs)
 
 
@@ -175,7 +175,8 @@ def _from_file(config: ModelConfig, path: Path, **kwargs: Any) -> nn.Module:
     head = model.pretrained_cfg.get("classifier", "")
     backbone = [k for k, v in fresh.items() if v.is_floating_point() and v.numel() > 1 and v.min() < v.max()
                 and not (head and k.startswith(f"{head}."))]
-    loaded = [k for k in backbone if not torch.equal(model.state_dict()[k], fresh[k])]
+    state = model.state_dict()
+    loaded = [k for k in backbone if not torch.equal(state[k], fresh[k])]
     if len(loaded) < len(backbone) / 2:
         raise UserError(f"pretrained_path {path} holds weights for only {len(loaded)} of {config.arch}'s "
                         f"{len(backbone)} tensors: it is another architecture's file (set arch to its "
@@ -309,17 +310,17 @@ def _env_proxy(url: str) -> str | None:
 
 def _create(arch: str, pretrained: bool, img_size: int, **kwargs: Any) -> nn.Module:
     try:
-        return timm.create_model(arch, pretrained=pretrained, img_size=img_size, **kwargs)
-    except TypeError as e:
-        if "img_size" not in str(e):
-            raise
-        # CNNs take any input size and have no img_size argument
         try:
-            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+            return timm.create_model(arch, pretrained=pretrained, img_size=img_size, **kwargs)
         except TypeError as e:
-            if "drop_path_rate" not in str(e):
+            if "img_size" not in str(e):
                 raise
-            raise UserError(f"{arch} has no stochastic depth: set its drop_path_rate to 0") from None
+            # CNNs take any input size and have no img_size argument
+            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # from either call: ResNet9 refuses drop_path_rate with the img_size one
+        if "drop_path_rate" not in str(e):
+            raise
+        raise UserError(f"{arch} has no stochastic depth: set its drop_path_rate to 0") from None
 
 
 def data_config(model: nn.Module) -> dict[str, tuple[float, ...]]:
