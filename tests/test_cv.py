@@ -78,10 +78,11 @@ def test_three_folds(project, tmp_path, capsys):
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     classes = [c.lower() for c in COLUMNS]
-    models = {0: "model", 1: "fold1", 2: "fold2"}
+    models = {fold: hmnist.load(project / f"models/{name}.pt", device="cpu")
+              for fold, name in {0: "model", 1: "fold1", 2: "fold2"}.items()}
     per_fold = []
-    for fold, name in models.items():
-        probs = hmnist.load(project / f"models/{name}.pt", device="cpu").predict(images)
+    for model in models.values():
+        probs = model.predict(images)
         predicted = [classes[i] for i in probs[COLUMNS].to_numpy().argmax(1)]
         truth = test.set_index("image").loc[probs["image"], "dx"]
         per_fold.append((balanced_accuracy_score(truth, predicted), accuracy_score(truth, predicted)))
@@ -92,13 +93,13 @@ def test_three_folds(project, tmp_path, capsys):
     # out of fold: every non-test image predicted by the one model that did not train on it
     oof_truth, oof_predicted = [], []
     with zipfile.ZipFile(project / "data/raw/skin-cancer-mnist-ham10000.zip") as archive:
-        for fold, name in models.items():
+        for fold, model in models.items():
             held_out = tmp_path / f"fold{fold}"
             held_out.mkdir()
             ids = folds.loc[folds["fold"] == fold, "image_id"]
             for image_id in ids:
                 (held_out / f"{image_id}.jpg").write_bytes(archive.read(f"{image_folder(image_id)}/{image_id}.jpg"))
-            probs = hmnist.load(project / f"models/{name}.pt", device="cpu").predict(held_out)
+            probs = model.predict(held_out)
             oof_predicted += [classes[i] for i in probs[COLUMNS].to_numpy().argmax(1)]
             oof_truth += folds.set_index("image_id").loc[probs["image"], "dx"].tolist()
     assert len(oof_truth) == len(folds)
