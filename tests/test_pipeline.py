@@ -23,6 +23,7 @@ def ran(output: str) -> list[str]:
 def test_repro_exp_diff_compare_and_share(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"] = "deit"
+    params["models"]["resnet9"]["arch"] = "resnet9"  # the experiment below must learn, not only run
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = run(["dvc", "repro"], project)

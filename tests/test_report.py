@@ -144,9 +144,11 @@ window.addEventListener("load", () => {
 </script></body>"""
 
 
-def chromium_offline() -> list[str]:
-    """The command prefix that runs headless Chromium cut off from the network; skips with the reason
-    when that cannot be had (the browser test must never pass without a browser)."""
+def chromium_offline(profile: Path) -> list[str]:
+    """The command prefix that runs headless Chromium cut off from the network, with its own
+    profile folder (two browsers on one profile hand the page to each other: xdist workers run
+    side by side); skips with the reason when that cannot be had (the browser test must never
+    pass without a browser)."""
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)),
                    None)
     if browser is None:
@@ -155,7 +157,7 @@ def chromium_offline() -> list[str]:
     if cut.returncode != 0:
         pytest.skip(f"cannot cut the network off for the browser (unshare -n: {cut.stderr.strip()})")
     return ["unshare", "-n", browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--no-first-run", "--disable-extensions", "--disable-background-networking"]
+            "--no-first-run", "--disable-extensions", "--disable-background-networking", f"--user-data-dir={profile}"]
 
 
 def open_offline(chromium: list[str], page: Path, netlog: Path) -> tuple[dict, list[str]]:
@@ -176,7 +178,7 @@ def open_offline(chromium: list[str], page: Path, netlog: Path) -> tuple[dict, l
 
 
 def test_in_a_browser_offline(page, tmp_path):
-    chromium = chromium_offline()
+    chromium = chromium_offline(tmp_path / "profile")
     path, text = page
     probe = tmp_path / "probe.html"
     probe.write_text(text.replace("</body>", PROBE))

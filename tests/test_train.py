@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from conftest import LimitedGpu, prepared_split, tiny_params
+from conftest import TINY_ARCH, LimitedGpu, prepared_split, tiny_params
 from hmnist.config import ModelConfig, parse_params
 from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
 from hmnist.data import load_prepared, split_rows
@@ -26,8 +26,8 @@ def data(tmp_path_factory, synthetic_zip):
     return prepared_split(tmp_path_factory.mktemp("prepared"), synthetic_zip)
 
 
-def params_for(synthetic_zip, **model):
-    raw = tiny_params(synthetic_zip)
+def params_for(synthetic_zip, arch=TINY_ARCH, **model):
+    raw = tiny_params(synthetic_zip, arch)
     raw["models"]["resnet9"].update(model)
     return parse_params(raw)
 
@@ -39,10 +39,9 @@ LEARNED = {"accuracy": 0.75, "balanced_accuracy": 0.7}  # measured 0.889 and 0.8
 
 def mechanics(synthetic_zip, **train) -> dict:
     """tiny_params for tests where only the loop's mechanics count (selection, EMA, resume):
-    timm's 0.4M-parameter test_resnet at 16 px, the whole training split in one batch, so an
-    epoch is one step. ResNet9 at 32 px costs seconds a step on one core."""
+    TINY_ARCH at 16 px, the whole training split in one batch, so an epoch is one step."""
     raw = tiny_params(synthetic_zip)
-    raw["models"]["resnet9"].update(arch="test_resnet", resize=16, batch_size=4096)
+    raw["models"]["resnet9"].update(resize=16, batch_size=4096)
     raw["train"].update(train)
     return raw
 
@@ -288,7 +287,7 @@ def test_training_is_repeatable_bit_for_bit(data, synthetic_zip):
 
 def test_training_learns(data, synthetic_zip):
     images, index, split = data
-    _, meta = train(params_for(synthetic_zip, epochs=6, lr=3e-3), images, index, split)
+    _, meta = train(params_for(synthetic_zip, "resnet9", epochs=6, lr=3e-3), images, index, split)
     # the synthetic classes are easy: 6 epochs reach LEARNED on unseen lesions (chance: 1/7)
     print(f"6 epochs: val accuracy {meta['val_accuracy']:.3f}, balanced {meta['val_balanced_accuracy']:.3f}")
     assert meta["val_accuracy"] > LEARNED["accuracy"] and meta["val_balanced_accuracy"] > LEARNED["balanced_accuracy"]
@@ -335,13 +334,13 @@ def interrupt_second_epoch(monkeypatch, validations_per_epoch: int = 1):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(data, synthetic_zip, tmp_path, monkeypatch):
-    """DeiT with stochastic depth draws from torch's generator every step, Mixup from numpy's: a
-    resume that did not restore them (or the sampling and augmentation generator, or the EMA)
-    would end with other weights."""
+    """A ViT with stochastic depth (timm's test_vit, in the deit entry) draws from torch's
+    generator every step, Mixup from numpy's: a resume that did not restore them (or the
+    sampling and augmentation generator, or the EMA) would end with other weights."""
     images, index, split = data
     raw = tiny_params(synthetic_zip)
     raw["model"] = "deit"
-    raw["models"]["deit"].update(epochs=3, drop_path_rate=0.2)
+    raw["models"]["deit"].update(arch="test_vit", epochs=3, drop_path_rate=0.2)
     raw["train"].update(ema_decay=0.9, mixup=0.2)  # the EMA and Mixup's numpy draws resume too
     params = parse_params(raw)
     whole = tmp_path / "whole.pt"
@@ -534,7 +533,7 @@ def test_mixer_pairs_each_image_with_the_batch_reversed(mixup, cutmix):
 
 def test_mixup_training_learns(data, synthetic_zip):
     images, index, split = data
-    raw = tiny_params(synthetic_zip)
+    raw = tiny_params(synthetic_zip, "resnet9")
     raw["models"]["resnet9"].update(epochs=6, lr=3e-3)
     raw["train"].update(mixup=0.2, cutmix=1.0, mixup_prob=0.8)
     _, meta = train(parse_params(raw), images, index, split)
