@@ -25,9 +25,11 @@ def pytest_configure(config):
     """Under pytest-xdist (the default: `-n auto` in pyproject.toml) each worker gets its share of
     the cores, and so do the stages and commands it starts (they inherit OMP_NUM_THREADS): N
     workers at torch's default of one thread per core would oversubscribe the machine N times."""
+    from hmnist.distributed import cpu_cores
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        threads = str(max(1, cpu_cores() // workers))
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
         torch.set_num_threads(int(threads))
 
