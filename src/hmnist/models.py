@@ -102,10 +102,26 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
 
     `pretrained=False` skips ImageNet weights whatever the config says (used when a trained
     checkpoint's weights will be loaded on top anyway).
+
+    On pretrained weights the new head starts small: `reset_classifier`'s nn.Linear default
+    (uniform within 1/sqrt(features)), as a fine-tuning notebook's `reset_classifier(7)` does.
+    timm builds a 7-class head with the architecture's own initialisation instead, which for the
+    EfficientNets is Google's uniform within 1/sqrt(classes): 0.38 for 7 classes, made for 1000
+    (0.03). Lite0 then starts with logits of sd 2.7 instead of 0.35, whose large first gradients
+    reshape the pretrained features; on real images that cost the train stage about 0.06 balanced
+    accuracy against the plain fine-tuning loop (BENCHMARKS.md, "The plain loop as the peer").
     """
     if config.arch not in timm.list_models():
         raise UserError(f"unknown architecture '{config.arch}': use a name from timm.list_models() or resnet9")
     pretrained = config.pretrained if pretrained is None else pretrained
+    model = _build(config, num_classes, pretrained)
+    if pretrained:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _build(config: ModelConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    """`config.arch` with ImageNet weights from wherever the config says (`pretrained`), or none."""
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
