@@ -115,8 +115,8 @@ def create_model(config: ModelConfig, num_classes: int = len(CLASSES), pretraine
         raise UserError(f"unknown architecture '{config.arch}': use a name from timm.list_models() or resnet9")
     pretrained = config.pretrained if pretrained is None else pretrained
     model = _build(config, num_classes, pretrained)
-    if pretrained:
-        model.reset_classifier(num_classes)
+    if pretrained and num_classes != model.pretrained_cfg.get("num_classes", 1000):
+        model.reset_classifier(num_classes)  # a new head; the weights' own head (ImageNet's 1000) is kept
     return model
 
 
