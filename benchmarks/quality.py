@@ -13,10 +13,14 @@ is the peer: a plain training loop written here, as the Kaggle notebooks write i
 flips only, class-weighted label-smoothed cross-entropy, OneCycle to 4e-3, fp32, last epoch
 kept), on the same split's images. With `--budget lite0` the runs fine-tune the ImageNet-pretrained
 EfficientNet-Lite0 at 128 px for 8 epochs instead, and `notebook` is the plain fine-tuning loop
-(`notebook_finetune`): PIL resize, flips, AdamW with OneCycle to 3e-4, weight decay 0.01, batch 32,
-torch's class-weighted label-smoothed cross-entropy, fp32, last epoch, flip TTA. Its `notebook.*`
-overrides switch one of its differences from the stage to the stage's way (NOTEBOOK_KNOBS), so
-each difference can be measured alone.
+`plain_finetune.py` (`--peer`, default ../shared/tools/plain_finetune.py beside the repository),
+run as its header says on the same archive and data/split.csv, at lr 2e-3 (`--peer-lr`): PIL
+bilinear resize, flips, AdamW (weight decay 1e-2 on every tensor) with OneCycleLR, torch's
+class-weighted label-smoothed cross-entropy, batch 32, fp32, the last epoch, 2-view flip TTA.
+The loop written here before it scored 0.587 where that script scores 0.727 (seed 0): it built
+its model through hmnist's create_model, whose new head then started at timm's EfficientNet
+initialisation for 7 classes (BENCHMARKS.md, "The plain loop as the peer"). Its figures are
+computed from its test_predictions.csv with the evaluate stage's definitions.
 
 Results go to WORKDIR/results.jsonl one line per run as it finishes, so an interrupted
 benchmark keeps what it measured and a rerun skips the runs already there; the table (mean +- sd
@@ -52,27 +56,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # CPU budgets: the model, its cache and input size, epochs; fine-tuning or from scratch
 BUDGETS = {"resnet9": {"size": 32, "epochs": 12, "pretrained": False},
            "lite0": {"size": 128, "epochs": 8, "pretrained": True}}
-# the fine-tuning notebook's differences from the stage, each switchable to the stage's way
-# with a `notebook.<knob>` override: its value here first, the stage's second
-NOTEBOOK_KNOBS = {
-    "input": ("pil", "cache"),         # PIL bicubic resize of the full JPEG, or the prepared cache
-    "schedule": ("onecycle", "stage"),  # OneCycle (10% warmup), or linear warmup (train.warmup_epochs) + cosine
-    "loss": ("torch", "stage"),        # nn.CrossEntropyLoss(weight, label_smoothing), or engine.SmoothedCrossEntropy
-    "clip": (0.0, 0.1),                # gradient value clipping
-    "groups": ("all", "timm"),         # weight decay on every tensor, or not on biases and norms
-    "tta": ("flips", "none"),          # test-time flips
-    "channels_last": (False, True),    # memory layout (speed only: same arithmetic)
-    # not a difference from the stage: normalising by the train images' own mean and sd, as the
-    # ResNet9 peer does, instead of the pretrained cfg's (0.5, 0.5)
-    "norm": ("model", "train_stats"),
-}
+PEER = REPO.parent / "shared/tools/plain_finetune.py"
 
 
 def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overrides: dict[str, Any],
            model: str = "resnet9") -> dict:
     """A CPU budget (`model`, from scratch or pretrained as BUDGETS says, `size` px cache and
-    input, `epochs` epochs), then a configuration's `overrides` (dotted keys; `notebook.*`
-    ones are the notebook loop's, not params)."""
+    input, `epochs` epochs), then a configuration's `overrides` (dotted keys)."""
     params = copy.deepcopy(params)
     params["data"]["source"] = str(archive)
     params["prepare"]["size"] = size
@@ -81,8 +71,7 @@ def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overr
     params["train"]["seed"] = seed
     params["models"][model].update(resize=size, epochs=epochs, pretrained=BUDGETS[model]["pretrained"])
     for key, value in overrides.items():
-        if not key.startswith("notebook."):
-            set_key(params, key, value)
+        set_key(params, key, value)
     return params
 
 
@@ -247,126 +236,47 @@ def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
     return model, seconds, steps * batch * epochs / seconds
 
 
-def finetune_data(size: int, archive: Path, data: Path, knobs: dict[str, Any]):
-    """The fine-tuning notebook's tensors: images PIL-resized (bicubic, Pillow's default) from
-    the full JPEG, or read from the prepared cache (`input: cache`), normalised as the model's
-    pretrained cfg says (timm's data config: mean = std = 0.5 for EfficientNet-Lite); class
-    weights (1/frequency)^0.5 with mean sample weight 1."""
+def peer_finetune(seed: int, size: int, epochs: int, archive: Path, data: Path, peer: Path, lr: float,
+                  out: Path) -> dict:
+    """The plain fine-tuning loop `peer` (plain_finetune.py) run as its header says, on the same
+    archive and split; its test predictions scored with the evaluate stage's definitions."""
     import numpy as np
     import pandas as pd
-    import torch
-    from PIL import Image
 
-    from hmnist.config import CLASSES as classes
-    split = pd.read_csv(data / "split.csv", dtype=str)
-    if knobs["input"] == "cache":
-        from hmnist.data import load_prepared
-        images, index = load_prepared(data / "prepared")
-        row = {image_id: i for i, image_id in enumerate(index["image_id"])}
-        pixels = {image_id: images[row[image_id]] for image_id in split["image_id"]}
-    else:
-        pixels = {}
-        with zipfile.ZipFile(archive) as z:
-            names = {Path(n).stem: n for n in z.namelist() if n.startswith("HAM10000_images_part_") and n.endswith(".jpg")}
-            for image_id in split["image_id"]:
-                with Image.open(io.BytesIO(z.read(names[image_id]))) as image:
-                    pixels[image_id] = np.asarray(image.convert("RGB").resize((size, size)))
-
-    def tensors(name: str):
-        part = split[split["split"] == name]
-        x = torch.from_numpy(np.stack([pixels[i] for i in part["image_id"]])).permute(0, 3, 1, 2).float() / 255
-        return x, torch.tensor([classes.index(d) for d in part["dx"]])
-
-    (x_train, y_train), (x_test, y_test) = tensors("train"), tensors("test")
-    if knobs["norm"] == "train_stats":
-        mean, std = x_train.mean(dim=(0, 2, 3), keepdim=True), x_train.std(dim=(0, 2, 3), keepdim=True)
-    else:
-        mean, std = 0.5, 0.5
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    counts = torch.bincount(y_train, minlength=len(classes)).float()
-    weights = (counts.sum() / counts.clamp(min=1)) ** 0.5
-    return x_train, y_train, x_test, y_test, weights / weights[y_train].mean()
-
-
-def notebook_finetune(x_train, y_train, weights, seed: int, epochs: int, knobs: dict[str, Any]):
-    """The plain fine-tuning loop; returns the model, the loop's seconds and its images per
-    second. `knobs` (NOTEBOOK_KNOBS) switch its differences from the stage one at a time."""
-    import torch
-    import torch.nn as nn
-
-    from hmnist.config import ModelConfig
-    from hmnist.engine import SmoothedCrossEntropy, lr_lambda, param_groups
-    from hmnist.models import create_model
-    torch.manual_seed(seed)
-    model = create_model(ModelConfig(arch="tf_efficientnet_lite0", resize=x_train.shape[-1], pretrained=True))
-    fmt = torch.channels_last if knobs["channels_last"] else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    batch, lr = 32, 3e-4
-    steps = len(x_train) // batch
-    groups = param_groups(model, lr, 0.01) if knobs["groups"] == "timm" else model.parameters()
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
-    if knobs["schedule"] == "onecycle":
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
-                                                       pct_start=0.1)
-    else:
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(round(3.6 * steps), epochs * steps))
-    if knobs["loss"] == "torch":
-        criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
-    else:
-        smoothed = SmoothedCrossEntropy(weights, 0.1)
-        criterion = lambda logits, y: smoothed(logits, y).sum() / weights[y].sum()  # noqa: E731
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        order, losses = torch.randperm(len(x_train)), []
-        for i in range(steps):
-            rows = order[i * batch:(i + 1) * batch]
-            x = random_flips(x_train[rows])
-            loss = criterion(model(x.contiguous(memory_format=fmt)), y_train[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            if knobs["clip"]:
-                nn.utils.clip_grad_value_(model.parameters(), knobs["clip"])
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        print(f"notebook epoch {epoch + 1}/{epochs}: train loss {sum(losses) / len(losses):.4f}, "
-              f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - started
-    return model, seconds, steps * batch * epochs / seconds
-
-
-def notebook_knobs(overrides: dict[str, Any]) -> dict[str, Any]:
-    knobs = {name: values[0] for name, values in NOTEBOOK_KNOBS.items()}
-    for key, value in overrides.items():
-        if key.startswith("notebook."):
-            name = key.removeprefix("notebook.")
-            if name not in NOTEBOOK_KNOBS:
-                raise SystemExit(f"unknown notebook knob {name!r}: {', '.join(NOTEBOOK_KNOBS)}")
-            knobs[name] = value
-    return knobs
-
-
-def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path, model: str = "resnet9",
-                 overrides: dict[str, Any] | None = None) -> dict:
-    """The peer: a plain loop as the Kaggle notebooks write it, on the same split's images."""
-    import torch
-
-    from hmnist.engine import tta_views
+    from hmnist.config import CLASSES
     from hmnist.metrics import compute_metrics, expected_calibration_error
-    if model == "lite0":
-        knobs = notebook_knobs(overrides or {})
-        x_train, y_train, x_test, y_test, weights = finetune_data(size, archive, data, knobs)
-        model, seconds, speed = notebook_finetune(x_train, y_train, weights, seed, epochs, knobs)
-        tta = "flips" if knobs["tta"] == "flips" else "none"
-    else:
-        x_train, y_train, x_test, y_test, weights = notebook_data(size, archive, data)
-        model, seconds, speed = notebook_train(x_train, y_train, weights, seed, epochs)
-        tta = "none"
+    if not peer.is_file():
+        raise SystemExit(f"the plain fine-tuning loop {peer} is not there: give its path with --peer")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(peer), str(archive), str(data / "split.csv"), str(out),
+                             "--size", str(size), "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed)],
+                            capture_output=True, text=True)
+    (out / "log.txt").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"{peer} failed: see {out / 'log.txt'}")
+    seconds = time.perf_counter() - started
+    speed = float(result.stdout.rsplit("training ", 1)[1].split(" img/s")[0])
+    frame = pd.read_csv(out / "test_predictions.csv")
+    probs = frame[[c.upper() for c in CLASSES]].to_numpy(np.float64)
+    labels = frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    metrics = compute_metrics(labels, probs)
+    return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
+            "macro_auc": metrics["macro_auc"], "melanoma_sensitivity": metrics["melanoma_sensitivity"],
+            "ece": expected_calibration_error(labels, probs), "val_balanced_accuracy": None, "best_epoch": epochs,
+            "train_seconds": seconds, "train_images_per_second": speed, "loop_images_per_second": speed}
+
+
+def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path) -> dict:
+    """ResNet9's peer: a plain loop as the Kaggle notebooks write it, on the same split's images."""
+    import torch
+
+    from hmnist.metrics import compute_metrics, expected_calibration_error
+    x_train, y_train, x_test, y_test, weights = notebook_data(size, archive, data)
+    model, seconds, speed = notebook_train(x_train, y_train, weights, seed, epochs)
     model.eval()
     with torch.no_grad():
-        probs = torch.cat([torch.stack([model(v).softmax(1) for v in tta_views(x_test[i:i + 256], tta)]).mean(0)
-                           for i in range(0, len(x_test), 256)]).numpy()
+        probs = torch.cat([model(x_test[i:i + 256]).softmax(1) for i in range(0, len(x_test), 256)]).numpy()
     metrics = compute_metrics(y_test.numpy(), probs)  # the evaluate stage's definitions
     metrics["ece"] = expected_calibration_error(y_test.numpy(), probs)
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
@@ -375,8 +285,8 @@ def notebook_run(seed: int, size: int, epochs: int, archive: Path, data: Path, m
             "train_images_per_second": speed, "loop_images_per_second": speed}
 
 
-def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Path, data: Path
-                 ) -> dict[str, list[float]]:
+def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Path, data: Path,
+                 peer: Path = PEER, peer_lr: float = 2e-3) -> dict[str, list[float]]:
     """Training speed of each configuration's stage loop and of the notebook's, in the same
     process, taking turns `rounds` times (whatever else the machine runs slows all alike):
     images per second of the training loop, `epochs` epochs each, per round. A stage's figure
@@ -391,13 +301,13 @@ def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Pa
     model = first["model"]
     images, index = load_prepared(data / "prepared")
     images, split = np.asarray(images), load_split(data / "split.csv")
-    if model == "lite0":
-        knobs = notebook_knobs({})
-        x_train, y_train, _, _, weights = finetune_data(first["prepare"]["size"], archive, data, knobs)
-        loop = lambda r: notebook_finetune(x_train, y_train, weights, r, epochs, knobs)  # noqa: E731
+    size = first["prepare"]["size"]
+    if model == "lite0":  # the plain loop's own figure: its training loop alone, as it prints it
+        loop = lambda r: peer_finetune(r, size, epochs, archive, data, peer, peer_lr,  # noqa: E731
+                                       data.parent / "peer-speed")["train_images_per_second"]
     else:
-        x_train, y_train, _, _, weights = notebook_data(first["prepare"]["size"], archive, data)
-        loop = lambda r: notebook_train(x_train, y_train, weights, r, epochs)  # noqa: E731
+        x_train, y_train, _, _, weights = notebook_data(size, archive, data)
+        loop = lambda r: notebook_train(x_train, y_train, weights, r, epochs)[2]  # noqa: E731
     results: dict[str, list[float]] = {name: [] for name in [*configs, "notebook"]}
     for r in range(rounds):
         for name, params in configs.items():
@@ -405,7 +315,7 @@ def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Pa
             params["models"][model]["epochs"] = epochs
             _, meta = train(parse_params(params), images, index, split)
             results[name].append(meta["train_images_per_second"])
-        results["notebook"].append(loop(r)[2])
+        results["notebook"].append(loop(r))
         print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.1f} img/s" for name, v in results.items()),
               file=sys.stderr, flush=True)
     return results
@@ -456,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed", type=int, metavar="ROUNDS", default=0,
                         help="instead of quality runs: the training speed of each configuration's stage loop "
                              "and of the notebook's, taking turns ROUNDS times in one process")
+    parser.add_argument("--peer", type=Path, default=PEER,
+                        help="the plain fine-tuning loop, the lite0 budget's `notebook` (default: %(default)s)")
+    parser.add_argument("--peer-lr", type=float, default=2e-3, help="its --lr (default: %(default)s)")
     parser.add_argument("--speed-epochs", type=int, default=2, help="epochs of each loop per --speed round")
     args = parser.parse_args(argv)
     args.size = args.size or BUDGETS[args.budget]["size"]
@@ -498,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                                             args.budget)
                     for name in args.configs.split(",")}
             data = data_stages(args.workdir, next(iter(runs.values())), args.src.resolve())
-            speeds = speed_rounds(runs, args.speed, args.speed_epochs, args.archive, data)
+            speeds = speed_rounds(runs, args.speed, args.speed_epochs, args.archive.resolve(), data, args.peer, args.peer_lr)
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
             print("| loop | img/s per round | mean ± sd | / notebook, per round |\n|---|--:|--:|--:|")
             for name, values in speeds.items():
@@ -516,8 +429,12 @@ def main(argv: list[str] | None = None) -> None:
                 params = budget(base, args.archive.resolve(), args.size, args.epochs, seed, configs[name], args.budget)
                 data = data_stages(args.workdir, params, args.src.resolve())
                 print(f"== {label} seed {seed}", file=sys.stderr, flush=True)
-                if name == "notebook" or name.startswith("notebook-"):  # the peer, and its variants
-                    result = notebook_run(seed, args.size, args.epochs, args.archive, data, args.budget, configs[name])
+                if name == "notebook" and args.budget == "lite0":  # the plain fine-tuning loop
+                    result = peer_finetune(seed, args.size, args.epochs, args.archive.resolve(), data, args.peer,
+                                           args.peer_lr, args.workdir / "runs" / f"{label}-{seed}")
+                    configs[name] = {"peer": str(args.peer), "lr": args.peer_lr}
+                elif name == "notebook":
+                    result = notebook_run(seed, args.size, args.epochs, args.archive, data)
                 else:
                     result = stage_run(args.workdir, label, seed, params, data, args.src.resolve())
                 result.update(config=label, seed=seed, model=args.budget, size=args.size, epochs=args.epochs,
