@@ -74,6 +74,27 @@ def test_params_are_frozen():
     (lambda p: p["models"]["deit"].update(arch=""), "models.deit.arch must name a timm architecture"),
     (lambda p: p["models"]["lite0"].update(warmup_epochs=-1),
      "models.lite0.warmup_epochs must be >= 0 or null (train.warmup_epochs), got -1"),
+    (lambda p: p["evaluate"].update(tta="flips"), "evaluate.tta is now per model: delete it and set "
+                                                  "models.<name>.tta (none, hflip, flips, dihedral), which the "
+                                                  "checkpoint keeps"),
+    (lambda p: p["models"]["lite0"].update(tta="rotate"),
+     "models.lite0.tta must be one of none, hflip, flips, dihedral, got 'rotate'"),
+    (lambda p: p["train"].update(calibration="platt"),
+     "train.calibration must be one of none, temperature, temperature_bias, auto, got 'platt'"),
+    (lambda p: p["train"]["operating_points"][0].update(name="mel sens"),
+     "train.operating_points[0].name must be letters, digits and _ . @ + - only, got 'mel sens'"),
+    (lambda p: p["train"]["operating_points"][1].update(name="mel@sens0.80"),
+     "train.operating_points[0].name 'mel@sens0.80' is used twice: each operating point needs its own"),
+    (lambda p: p["train"]["operating_points"][1].update(classes=["mel", "scc"]),
+     "train.operating_points[1].classes must be distinct classes of mel, nv, bcc, akiec, bkl, df, vasc, "
+     "got ['mel', 'scc']"),
+    (lambda p: p["train"]["operating_points"][1].update(classes=list(CLASSES)),
+     "train.operating_points[1].classes cannot be every class: every image would be flagged"),
+    (lambda p: p["train"]["operating_points"][0].update(sensitivity=1),
+     "train.operating_points[0].sensitivity must be between 0 and 1 (exclusive), got 1.0"),
+    (lambda p: p["train"]["operating_points"][0].pop("classes"), "missing key 'train.operating_points[0].classes'"),
+    (lambda p: p["train"].update(operating_points=[{"name": "x", "classes": ["mel"], "sensitivity": 0.8, "at": 1}]),
+     "unknown key 'train.operating_points[0].at'"),
     (lambda p: p["cv"].update(folds=5), "cv.other_folds must be [1, 2, 3, 4] for cv.folds=5 (one train_fold stage each; "
                                         "DVC cannot count to cv.folds by itself): dvc exp run -S cv.folds=5 "
                                         "-S 'cv.other_folds=[1,2,3,4]'"),

@@ -36,7 +36,9 @@ def trained(synthetic_zip, tmp_path_factory) -> Path:
     """A project dir after prepare, split, train and evaluate (no dvc needed), with ResNet9: a
     tiny network's last feature map at 32 px is one pixel, too coarse for a class map."""
     root = tmp_path_factory.mktemp("predict_project")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(synthetic_zip, "resnet9"), sort_keys=False))
+    params = tiny_params(synthetic_zip, "resnet9")
+    params["models"]["resnet9"]["tta"] = "hflip"  # evaluate and predict must both take the checkpoint's
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ARCHIVE).parent.mkdir(parents=True)
     shutil.copy(synthetic_zip, root / ARCHIVE)
     for stage in ("prepare", "split", "train", "evaluate"):
@@ -136,9 +138,16 @@ def test_matches_evaluate_stage(trained, model, tmp_path):
     expected = pd.read_csv(trained / "predictions/test.csv")
     assert expected["image"].tolist() == ids
 
-    frame = model.predict(tmp_path / "test_images", batch_size=5)  # batches unlike evaluate's
+    result = model.classify(tmp_path / "test_images", batch_size=5)  # batches unlike evaluate's
+    frame = result.submission
     assert_submission(frame, ids)
     np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:8].to_numpy(), atol=1e-5)
+    # with the checkpoint's TTA (hflip), not without
+    plain = model.predict(tmp_path / "test_images", tta="none")
+    assert np.abs(plain.iloc[:, 1:].to_numpy() - expected.iloc[:, 1:8].to_numpy()).max() > 1e-4
+    calibrated = pd.read_csv(trained / "predictions/test_calibrated.csv")
+    assert calibrated["image"].tolist() == ids and (calibrated["dx"] == expected["dx"]).all()
+    np.testing.assert_allclose(result.calibrated.iloc[:, 1:].to_numpy(), calibrated.iloc[:, 1:8].to_numpy(), atol=1e-5)
 
     # `python -m hmnist.commands.predict`, writing to stdout, says the same
     result = run([sys.executable, "-m", "hmnist.commands.predict", "--checkpoint", str(trained / "models/model.pt"),
@@ -176,7 +185,10 @@ def test_tta_modes(trained, model, images):
     assert_submission(dihedral, plain["image"].tolist())
     np.testing.assert_allclose(model.predict(images, tta=True).iloc[:, 1:], flips.iloc[:, 1:])
     assert np.abs(dihedral.iloc[:, 1:].to_numpy() - flips.iloc[:, 1:].to_numpy()).max() > 1e-4
-    with pytest.raises(UserError, match="tta must be one of none, flips, dihedral"):
+    hflip = model.predict(images, tta="hflip")
+    assert np.abs(hflip.iloc[:, 1:].to_numpy() - flips.iloc[:, 1:].to_numpy()).max() > 1e-4
+    np.testing.assert_allclose(model.predict(images).iloc[:, 1:], hflip.iloc[:, 1:])  # the checkpoint's
+    with pytest.raises(UserError, match="tta must be one of none, hflip, flips, dihedral"):
         model.predict(images, tta="rotate")
 
 
@@ -228,7 +240,7 @@ def test_api_argument_errors():
         hmnist.load([], device="cpu")
     with pytest.raises(UserError, match=r"^--device must be one of auto, cuda, cuda:K, cpu, got 'gpu'$"):
         hmnist.load("models/model.pt", device="gpu")  # the device is checked before the checkpoint is read
-    with pytest.raises(UserError, match=r"^test-time augmentation must be one of none, flips, dihedral, got 'turns'$"):
+    with pytest.raises(UserError, match=r"^test-time augmentation must be one of none, hflip, flips, dihedral, got 'turns'$"):
         tta_views(torch.zeros(1, 3, 4, 4), "turns")
 
 
@@ -404,3 +416,46 @@ def test_moving_the_model_fails_as_itself(trained, monkeypatch):
     with pytest.raises(RuntimeError, match="illegal memory access") as error:
         hmnist.load(path, device="cpu")
     assert not isinstance(error.value, UserError)
+
+
+def test_decisions_csv_applies_the_checkpoints_thresholds(trained, images, tmp_path):
+    """Beside the submission: the calibrated probabilities (the checkpoint's calibration of the
+    submission's), and the decisions: the argmax class, and yes where the calibrated probability
+    of an operating point's classes reaches the checkpoint's threshold."""
+    from hmnist import calibration
+    from hmnist.models import load_checkpoint
+
+    checkpoint = load_checkpoint(trained / "models/model.pt")
+    assert checkpoint["tta"] == "hflip" and checkpoint["calibration"]["method"] in ("temperature", "temperature_bias")
+    points = checkpoint["operating_points"]
+    assert [p["name"] for p in points] == ["mel@sens0.80", "malignant@sens0.90"]
+    out = tmp_path / "out" / "new.csv"
+    result = run([str(BIN / "hmnist"), "predict", "--checkpoint", str(trained / "models/model.pt"), str(images),
+                  "--out", str(out)], tmp_path)
+    assert "new_calibrated.csv" in result.stdout and "new_decisions.csv" in result.stdout
+    submission = pd.read_csv(out)
+    assert_submission(submission, submission["image"].tolist())
+    calibrated = pd.read_csv(out.with_name("new_calibrated.csv"))
+    assert calibrated.columns.tolist() == submission.columns.tolist()
+    expected = calibration.apply(submission.iloc[:, 1:].to_numpy(np.float32), checkpoint["calibration"])
+    np.testing.assert_allclose(calibrated.iloc[:, 1:].to_numpy(), expected, atol=1e-5)
+    decisions = pd.read_csv(out.with_name("new_decisions.csv"), keep_default_na=False)
+    assert decisions.columns.tolist() == ["image", "class", "mel@sens0.80", "malignant@sens0.90"]
+    assert decisions["image"].tolist() == submission["image"].tolist()
+    assert decisions["class"].tolist() == [CLASSES[i] for i in submission.iloc[:, 1:].to_numpy().argmax(1)]
+    for op in points:
+        score = calibrated[[c.upper() for c in op["classes"]]].sum(axis=1).to_numpy()
+        assert decisions[op["name"]].tolist() == ["yes" if s >= op["threshold"] else "no" for s in score]
+
+
+def test_a_checkpoint_from_before_tta_calibration_and_operating_points(trained, images, tmp_path):
+    """An older checkpoint has none of the new keys: no TTA, probabilities as they are, no decisions."""
+    state = torch.load(trained / "models/model.pt", weights_only=True)
+    for key in ("tta", "calibration", "operating_points"):
+        del state[key]
+    torch.save(state, tmp_path / "old.pt")
+    old = hmnist.load(tmp_path / "old.pt", device="cpu").classify(images)
+    new = hmnist.load(trained / "models/model.pt", device="cpu").predict(images, tta="none")
+    np.testing.assert_allclose(old.submission.iloc[:, 1:].to_numpy(), new.iloc[:, 1:].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(old.calibrated.iloc[:, 1:].to_numpy(), old.submission.iloc[:, 1:].to_numpy())
+    assert old.decisions.columns.tolist() == ["image", "class"]

@@ -9,7 +9,7 @@ import torch.nn as nn
 import yaml
 
 from conftest import TINY_ARCH, LimitedGpu, prepared_split, tiny_params
-from hmnist.config import ModelConfig, parse_params
+from hmnist.config import CLASSES, ModelConfig, parse_params
 from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
 from hmnist.data import load_prepared, split_rows
 from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda
@@ -293,6 +293,58 @@ def test_training_learns(data, synthetic_zip):
     assert meta["val_accuracy"] > LEARNED["accuracy"] and meta["val_balanced_accuracy"] > LEARNED["balanced_accuracy"]
     assert meta["classes"] == ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"]
     assert meta["input_size"] == 32 and meta["prepare_size"] == 32
+
+
+def test_calibration_and_thresholds_come_from_the_validation_split_alone(data, synthetic_zip, monkeypatch):
+    """The checkpoint's calibration is the one fitted on the validation images' probabilities
+    (with the model's TTA): fitting it again on those alone gives it exactly, and the images it
+    saw are the validation lesions' and no test lesion's."""
+    from hmnist import calibration
+    from hmnist.augment import ModelInput
+    from hmnist.engine import predict_probs
+
+    images, index, split = data
+    seen = []
+    real_choose = calibration.choose
+    monkeypatch.setattr(calibration, "choose", lambda probs, labels, groups, setting: (
+        seen.append(set(groups)), real_choose(probs, labels, groups, setting))[1])
+    raw = mechanics(synthetic_zip, calibration="temperature_bias")
+    raw["models"]["resnet9"].update(tta="hflip", epochs=2)
+    model, meta = train(parse_params(raw), images, index, split)
+    lesions = index["lesion_id"].to_numpy()
+    val, test = split_rows(index, split, "val"), split_rows(index, split, "test")
+    assert seen == [set(lesions[val])] and not seen[0] & set(lesions[test])
+    assert meta["tta"] == "hflip" and meta["calibration"]["method"] == "temperature_bias"
+
+    model_input = ModelInput(meta["input_size"], meta["mean"], meta["std"], torch.device("cpu"), TINY_ARCH)
+    labels = index["label"].to_numpy()
+    val_probs = predict_probs(model, torch.from_numpy(images[val]), model_input, 64, torch.device("cpu"), tta="hflip")
+    refit = calibration.fit(val_probs, labels[val], "temperature_bias")
+    assert meta["calibration"]["temperature"] == pytest.approx(refit["temperature"], rel=1e-4)
+    np.testing.assert_allclose(meta["calibration"]["bias"], refit["bias"], atol=1e-4)
+    with_test = np.concatenate([val, test])
+    other = calibration.fit(predict_probs(model, torch.from_numpy(images[with_test]), model_input, 64,
+                                          torch.device("cpu"), tta="hflip"), labels[with_test], "temperature_bias")
+    assert abs(other["temperature"] - refit["temperature"]) > 1e-3  # the check could tell
+
+    assert meta["val_nll"] <= meta["val_nll_uncalibrated"]
+    for op in meta["operating_points"]:  # each threshold reaches its target on validation
+        assert op["val_sensitivity"] >= op["target_sensitivity"]
+        calibrated = calibration.apply(val_probs, meta["calibration"])
+        positives = np.isin(labels[val], [CLASSES.index(c) for c in op["classes"]])
+        flagged = calibrated[:, [CLASSES.index(c) for c in op["classes"]]].sum(1) >= op["threshold"]
+        assert flagged[positives].mean() == pytest.approx(op["val_sensitivity"])
+
+
+def test_an_operating_point_without_validation_positives_stops_before_training(data, synthetic_zip):
+    images, index, split = data
+    raw = mechanics(synthetic_zip)
+    raw["train"]["operating_points"] = [{"name": "df@sens0.80", "classes": ["df"], "sensitivity": 0.8}]
+    no_df = split.copy()
+    no_df.loc[(no_df["split"] == "val") & (no_df["dx"] == "df"), "split"] = "train"
+    with pytest.raises(UserError, match=r"^train.operating_points\[0\] \(df@sens0.80\): the validation split has no "
+                                        r"image of df to choose its threshold on: use more images, or remove it$"):
+        train(parse_params(raw), images, index, no_df)
 
 
 def limit_gpu(monkeypatch, max_batch: int = 10**9, max_eval_batch: int = 10**9) -> None:

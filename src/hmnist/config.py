@@ -26,7 +26,10 @@ YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent wit
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
 DEVICES = ("auto", "cuda", "cpu")
 BALANCE = ("loss", "sample_loss", "sampler", "none")
-TTA = ("none", "flips", "dihedral")  # test-time augmentation: the image, + its 3 flips, + 4 right-angle turns
+# test-time augmentation: the image; + its horizontal flip; + its 3 flips; + 4 right-angle turns
+TTA = ("none", "hflip", "flips", "dihedral")
+# the probability calibration fitted on the validation split at the end of training (train.calibration)
+CALIBRATION = ("none", "temperature", "temperature_bias", "auto")
 CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)
 SELECT = ("last", "best", "smoothed")  # which epoch's weights the train stage keeps (train.select)
 
@@ -69,6 +72,24 @@ class ModelConfig:
     # this model's linear warmup in epochs, instead of train.warmup_epochs (null: that one), e.g.
     # a fine-tuning recipe's short ramp where the train block's suits training from scratch
     warmup_epochs: float | None = None
+    # test-time augmentation this model is calibrated, evaluated and predicted with (stored in its
+    # checkpoint; the epoch's validation stays one view): none, hflip (2 views), flips (4), dihedral (8)
+    tta: str = "none"
+
+
+@dataclass(frozen=True)
+class OperatingPointConfig:
+    # the decision's name: the column of `hmnist predict`'s decisions CSV, e.g. mel@sens0.80
+    name: str
+    # flagged when the sum of the calibrated probabilities of these classes reaches the threshold
+    classes: list[str]
+    # the threshold is the highest one whose sensitivity on the validation split reaches this
+    sensitivity: float
+
+
+def default_operating_points() -> list[OperatingPointConfig]:
+    return [OperatingPointConfig("mel@sens0.80", ["mel"], 0.80),
+            OperatingPointConfig("malignant@sens0.90", ["mel", "bcc", "akiec"], 0.90)]
 
 
 @dataclass(frozen=True)
@@ -105,12 +126,18 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
     # deterministic kernels only: identical GPU runs, at some speed; CPU runs are identical anyway
     deterministic: bool = False
+    # fitted on the validation split after training, on the probabilities of the model's TTA views,
+    # by NLL: none, temperature (one T: never changes a prediction), temperature_bias (T and a bias
+    # per class: also undoes the class-weighted loss's shift of each class's prior), or auto (the
+    # one of the two with the lower NLL on held-out lesions of the validation split, 5-fold)
+    calibration: str = "auto"
+    # decision thresholds chosen on the validation split (docs/metrics.md, "Operating points")
+    operating_points: list[OperatingPointConfig] = field(default_factory=default_operating_points)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = 256  # inference only: no activations kept for backward
-    tta: str = "none"  # test-time augmentation: none, flips (4 views) or dihedral (8), as `hmnist predict --tta`
     # lesion resamples for the 95% intervals (0: none): the percentile ends need a few thousand
     # to settle; the whole bootstrap is vectorised, so 2,000 cost little (BENCHMARKS.md)
     bootstrap: int = 2000
@@ -192,7 +219,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
             if not isinstance(entries, list):
                 raise UserError(f"{key} must be a list, got {entries!r}")
             item_type = typing.get_args(tp)[0]
-            kwargs[f.name] = [_check_type(v, item_type, f"{key}[{i}]") for i, v in enumerate(entries)]
+            kwargs[f.name] = [_build(item_type, v, f"{key}[{i}]") if dataclasses.is_dataclass(item_type)
+                              else _check_type(v, item_type, f"{key}[{i}]") for i, v in enumerate(entries)]
         elif typing.get_origin(tp) is dict:
             entries = data[f.name]
             if not isinstance(entries, dict) or not entries:
@@ -235,6 +263,7 @@ def _validate(p: Params) -> None:
         need(0 < m.layer_decay <= 1, f"{where}.layer_decay must be in (0, 1] (1 = off), got {m.layer_decay}")
         need(m.warmup_epochs is None or m.warmup_epochs >= 0,
              f"{where}.warmup_epochs must be >= 0 or null (train.warmup_epochs), got {m.warmup_epochs}")
+        need(m.tta in TTA, f"{where}.tta must be one of {', '.join(TTA)}, got {m.tta!r}")
     t = p.train
     need(t.device in DEVICES or re.fullmatch(r"cuda:\d+", t.device) is not None,
          f"train.device must be one of {', '.join(DEVICES)} or cuda:K, got {t.device!r}")
@@ -263,11 +292,27 @@ def _validate(p: Params) -> None:
          f"cv.other_folds must be {others} for cv.folds={p.cv.folds} (one train_fold stage each; DVC cannot "
          f"count to cv.folds by itself): dvc exp run -S cv.folds={p.cv.folds} "
          f"-S 'cv.other_folds={str(others).replace(' ', '')}'")
-    need(p.evaluate.tta in TTA, f"evaluate.tta must be one of {', '.join(TTA)}, got {p.evaluate.tta!r}")
-
+    need(t.calibration in CALIBRATION,
+         f"train.calibration must be one of {', '.join(CALIBRATION)}, got {t.calibration!r}")
+    names = [op.name for op in t.operating_points]
+    for i, op in enumerate(t.operating_points):
+        where = f"train.operating_points[{i}]"
+        # the name is a CSV column and a metrics key: no separators, nothing a shell or DVC would split
+        need(re.fullmatch(r"[A-Za-z0-9_.@+-]+", op.name) is not None,
+             f"{where}.name must be letters, digits and _ . @ + - only, got {op.name!r}")
+        need(names.count(op.name) == 1, f"{where}.name {op.name!r} is used twice: each operating point needs its own")
+        unknown = [c for c in op.classes if c not in CLASSES]
+        need(bool(op.classes) and not unknown and len(set(op.classes)) == len(op.classes),
+             f"{where}.classes must be distinct classes of {', '.join(CLASSES)}, got {op.classes!r}")
+        need(len(op.classes) < len(CLASSES), f"{where}.classes cannot be every class: every image would be flagged")
+        need(0 < op.sensitivity < 1, f"{where}.sensitivity must be between 0 and 1 (exclusive), got {op.sensitivity}")
 
 def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
     try:
+        evaluate = data.get("evaluate") if isinstance(data, dict) else None
+        if isinstance(evaluate, dict) and "tta" in evaluate:  # before the generic unknown-key error: say where it went
+            raise UserError("evaluate.tta is now per model: delete it and set models.<name>.tta "
+                            "(none, hflip, flips, dihedral), which the checkpoint keeps")
         params = _build(Params, data if data is not None else {}, "")
         _validate(params)
     except UserError as e:

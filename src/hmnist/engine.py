@@ -263,11 +263,13 @@ def inference_model(checkpoint: dict, device: torch.device,
 
 
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """The views of an NCHW batch whose probabilities are averaged: `none` the image; `flips`
-    also its horizontal, vertical and double flip; `dihedral` all 8 flips and right-angle
-    rotations (lesions have no up or left)."""
+    """The views of an NCHW batch whose probabilities are averaged: `none` the image; `hflip`
+    also its horizontal flip; `flips` also its vertical and double flip; `dihedral` all 8 flips
+    and right-angle rotations (lesions have no up or left)."""
     if tta == "none":
         return [x]
+    if tta == "hflip":
+        return [x, x.flip(3)]
     views = [x, x.flip(3), x.flip(2), x.flip(2, 3)]
     if tta == "dihedral":
         turned = x.transpose(2, 3)

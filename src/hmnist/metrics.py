@@ -278,3 +278,58 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     images (Guo et al. 2017, 15 equal-width bins). 0 = the probabilities can be taken at face value."""
     table = calibration_table(labels, probs, bins).dropna()
     return float(((table["confidence"] - table["accuracy"]).abs() * table["images"]).sum() / len(labels))
+
+
+# The calibration metrics of metrics.json, each for any rows of lesion-resampling weights (a row
+# of ones: the plain value), so that they get bootstrap intervals like the rest.
+CALIBRATION_METRICS = ("ece", "nll", "brier")
+
+
+def weighted_calibration(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray,
+                         bins: int = 15) -> dict[str, np.ndarray]:
+    """ECE (as expected_calibration_error), NLL (mean negative log-likelihood of the true class)
+    and the Brier score (mean over images of the squared distance between the probability vector
+    and the one-hot truth, summed over the classes: 0 to 2) for each row of `weights`."""
+    weights = np.atleast_2d(weights).astype(np.float64)
+    probs = probs.astype(np.float64)
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    which = np.eye(bins)[np.minimum((confidence * bins).astype(int), bins - 1)]  # images x bins
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    brier = ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(1)
+    with threadpool_limits(1, user_api="blas"):  # see weighted_metrics
+        gap = weights @ (which * confidence[:, None]) - weights @ (which * correct[:, None])
+        total = weights.sum(1)
+        return {"ece": np.abs(gap).sum(1) / total, "nll": weights @ nll / total, "brier": weights @ brier / total}
+
+
+def calibration_metrics(labels: np.ndarray, probs: np.ndarray, lesion_ids: np.ndarray | None = None,
+                        resamples: int = 0, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """`ece`, `nll`, `brier`, and with resamples their `_low`/`_high` lesion-bootstrap interval."""
+    out = {name: float(v[0]) for name, v in weighted_calibration(labels, probs, np.ones((1, len(labels)))).items()}
+    if resamples:
+        samples = weighted_calibration(labels, probs, lesion_weights(lesion_ids, resamples, seed))
+        for name, values in samples.items():
+            out[f"{name}_low"], out[f"{name}_high"] = _percentiles(values, level)
+    return out
+
+
+def operating_point_metrics(positives: np.ndarray, flagged: np.ndarray, lesion_ids: np.ndarray | None = None,
+                            resamples: int = 0, seed: int = 0, level: float = 0.95) -> dict[str, float | None]:
+    """Sensitivity (share of positives flagged) and specificity (share of negatives not flagged),
+    with their lesion-bootstrap intervals; None where undefined (no positives, or no negatives)."""
+    positives, flagged = positives.astype(np.float64), flagged.astype(np.float64)
+
+    def rates(weights: np.ndarray) -> dict[str, np.ndarray]:
+        with np.errstate(invalid="ignore", divide="ignore"), threadpool_limits(1, user_api="blas"):
+            return {"sensitivity": (weights @ (positives * flagged)) / (weights @ positives),
+                    "specificity": (weights @ ((1 - positives) * (1 - flagged))) / (weights @ (1 - positives))}
+
+    point = rates(np.ones((1, len(positives))))
+    out: dict[str, float | None] = {}
+    samples = rates(lesion_weights(lesion_ids, resamples, seed)) if resamples else {}
+    for name, value in point.items():
+        out[name] = None if np.isnan(value[0]) else float(value[0])
+        if resamples:
+            low, high = _percentiles(samples[name], level)
+            out[f"{name}_low"], out[f"{name}_high"] = (None, None) if np.isnan(low) else (low, high)
+    return out

@@ -1,6 +1,7 @@
 """Classify new images with a trained checkpoint; write an ISIC 2018 Task 3 submission file.
 
     hmnist predict --checkpoint models/model.pt PATH... [--out predictions.csv]
+        (and beside it predictions_calibrated.csv, predictions_decisions.csv)
     hmnist predict --checkpoint models/model.pt --checkpoint models/fold1.pt ... PATH...   (an ensemble)
     hmnist predict --checkpoint models/model.pt PATH... --explain maps/   (and each image's class-activation map)
     python -m hmnist.commands.predict --checkpoint models/model.pt PATH...     (the same arguments)
@@ -9,13 +10,19 @@ PATH is any mix of image files and folders; folders are searched recursively for
 PNG files (.jpg, .jpeg, .png, any case), skipping hidden files and folders as a shell glob
 does. Preprocessing comes from the checkpoint alone: each image is decoded by
 `data.decode_image` at the checkpoint's prepare_size, the function that built the cache the
-model was evaluated on, then resized and normalised on the device exactly as in evaluation.
+model was evaluated on, then resized and normalised on the device exactly as in evaluation,
+with the checkpoint's test-time augmentation, calibration and operating points.
+
+The submission CSV holds the model's own probabilities, whose argmax is the decision balanced
+accuracy measures; the calibrated probabilities (which can be read as probabilities) and the
+operating points' yes/no decisions go beside it (docs/metrics.md, "Which file holds what").
 
 From Python:
 
     import hmnist
     model = hmnist.load("models/model.pt")
-    frame = model.predict(["new_images/"], batch_size=64, tta="none", skip_bad=False)
+    frame = model.predict(["new_images/"], batch_size=64, skip_bad=False)   # the submission
+    result = model.classify(["new_images/"])   # .submission, .calibrated, .decisions, .skipped
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -120,10 +128,22 @@ class _Member:
             # right format tag but missing fields: damaged, or edited by hand
             raise damaged_checkpoint(path, e) from None
         self.model, self.model_input = inference_model(state, device, str(path))
+        # absent from checkpoints made before them: no TTA, no calibration, no operating points
+        self.tta, self.calibration = state.get("tta", "none"), state.get("calibration")
+        self.state = {k: v for k, v in state.items() if k != "state_dict"}  # what ensemble_operating_points reads
         if tuple(self.classes) != CLASSES:
             # the submission's columns are ISIC 2018's classes in ISIC 2018's order
             raise UserError(f"{path} predicts classes {', '.join(self.classes)}, "
                             f"not the ISIC 2018 ones ({', '.join(CLASSES)})")
+
+
+@dataclass
+class Prediction:
+    """What `Predictor.classify` returns, one row per image, sorted by image."""
+    submission: pd.DataFrame  # ISIC 2018 columns: the model's own probabilities (their argmax: the decision)
+    calibrated: pd.DataFrame  # the same columns, calibrated probabilities (the checkpoint's calibration)
+    decisions: pd.DataFrame  # image, class (the argmax), and yes/no per operating point
+    skipped: list[str] = field(default_factory=list)  # files that could not be read (skip_bad)
 
 
 class Predictor:
@@ -143,6 +163,9 @@ class Predictor:
         self.checkpoint_path, self.classes = first.path, first.classes
         self.model_name, self.arch = first.model_name, first.arch
         self.input_size, self.prepare_size = first.input_size, first.prepare_size
+        from hmnist.calibration import ensemble_operating_points
+
+        self.operating_points = ensemble_operating_points([m.state for m in self.members])
         for member in self.members[1:]:
             if member.prepare_size != self.prepare_size:
                 # one decode per image serves every member, as one prepared cache served evaluate
@@ -167,15 +190,26 @@ class Predictor:
         return f"Predictor({self.model_name}: {self.arch} at {self.input_size}px, from {source}, on {self.device})"
 
     def predict(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
-                tta: str = "none", skip_bad: bool = False, progress: bool | None = False,
+                tta: str | None = None, skip_bad: bool = False, progress: bool | None = False,
                 explain: str | os.PathLike | None = None) -> pd.DataFrame:
-        """Probabilities for every image in `paths`, in the ISIC 2018 submission format.
+        """The model's probabilities for every image in `paths`, in the ISIC 2018 submission format
+        (`classify(...).submission`; the calibrated ones and the decisions: `classify`)."""
+        result = self.classify(paths, batch_size, tta, skip_bad, progress, explain)
+        result.submission.attrs["skipped"] = result.skipped
+        return result.submission
 
-        Columns image, MEL, NV, BCC, AKIEC, BKL, DF, VASC; one row per image, sorted by image
-        (the file name without extension). `tta`: "none", "flips" (average of the four flips) or
-        "dihedral" (the eight flips and right-angle rotations), as `evaluate.tta`. With `skip_bad`, files
-        that cannot be decoded are left out with a warning on stderr and listed in
-        `frame.attrs["skipped"]`; without it the first one raises UserError.
+    def classify(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
+                 tta: str | None = None, skip_bad: bool = False, progress: bool | None = False,
+                 explain: str | os.PathLike | None = None) -> Prediction:
+        """Probabilities, calibrated probabilities and decisions for every image in `paths`.
+
+        The frames have one row per image, sorted by image (the file name without extension);
+        the probability frames have the ISIC 2018 columns image, MEL, NV, BCC, AKIEC, BKL, DF,
+        VASC. `tta`: None (each checkpoint's own, `models.<name>.tta`), or "none", "hflip" (the
+        image and its horizontal flip), "flips" (the four flips) or "dihedral" (the eight flips
+        and right-angle rotations) for every checkpoint; the calibration stays the checkpoint's,
+        fitted with its own TTA. With `skip_bad`, files that cannot be decoded are left out with
+        a warning on stderr and listed in `.skipped`; without it the first one raises UserError.
         `progress=None` shows a bar only on a terminal. With `explain`, a folder, each image's
         Grad-CAM map for its predicted class (cam.py; an ensemble's: the mean of its checkpoints'
         maps), overlaid on the image as the model saw it, goes there as <image>.png.
@@ -183,6 +217,7 @@ class Predictor:
         import torch
         from tqdm import tqdm
 
+        from hmnist import calibration
         from hmnist.engine import BatchSize, predict_probs
         from hmnist.metrics import submission_frame
 
@@ -192,7 +227,7 @@ class Predictor:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         if isinstance(tta, bool):  # the older signature: tta=True meant the four flips
             tta = "flips" if tta else "none"
-        if tta not in TTA:
+        if tta is not None and tta not in TTA:
             raise UserError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
         files = find_images(paths)
         check_unique_names(files)
@@ -203,7 +238,7 @@ class Predictor:
             except OSError as e:
                 raise UserError(f"cannot make the --explain folder {explain}: {e.strerror or e}") from None
 
-        names, probs, skipped = [], [], []
+        names, probs, calibrated, skipped = [], [], [], []
         inference_batch = BatchSize(batch_size)  # halved on out-of-memory, for all later batches too
         bar = tqdm(total=len(files), desc="predict", unit="img",
                    disable=None if progress is None else not progress)
@@ -221,8 +256,12 @@ class Predictor:
                     skipped.append(str(path))
                 if good:
                     images = torch.from_numpy(np.stack([image for _, image in good]))
-                    probs.append(np.mean([predict_probs(m.model, images, m.model_input, inference_batch, self.device,
-                                                        tta=tta) for m in self.members], axis=0))
+                    own = [predict_probs(m.model, images, m.model_input, inference_batch, self.device,
+                                         tta=m.tta if tta is None else tta) for m in self.members]
+                    # an ensemble: the mean of the members' probabilities, and of their calibrated ones
+                    probs.append(np.mean(own, axis=0))
+                    calibrated.append(np.mean([calibration.apply(p, m.calibration)
+                                               for p, m in zip(own, self.members)], axis=0))
                     names += [path.stem for path, _ in good]
                     if explain is not None:
                         self._explain(images, probs[-1].argmax(1), names[-len(good):], explain)
@@ -230,8 +269,22 @@ class Predictor:
         if not names:
             raise UserError(f"none of the {len(files)} input file(s) could be read as an image")
         frame = submission_frame(names, np.concatenate(probs))
-        frame.attrs["skipped"] = skipped
-        return frame
+        calibrated_frame = submission_frame(names, np.concatenate(calibrated))
+        return Prediction(frame, calibrated_frame, self.decisions(frame, calibrated_frame), skipped)
+
+    def decisions(self, submission: pd.DataFrame, calibrated: pd.DataFrame) -> pd.DataFrame:
+        """Per image its argmax class (of the submission's probabilities) and, per operating point,
+        yes when the calibrated probability of its classes reaches the checkpoint's threshold."""
+        import pandas as pd
+
+        from hmnist.calibration import decisions
+
+        columns = [c.upper() for c in CLASSES]
+        out = pd.DataFrame({"image": submission["image"],
+                            "class": [CLASSES[i] for i in submission[columns].to_numpy().argmax(1)]})
+        for name, flagged in decisions(calibrated[columns].to_numpy(), self.operating_points).items():
+            out[name] = np.where(flagged, "yes", "no")
+        return out
 
     def _explain(self, images: torch.Tensor, predicted: np.ndarray, names: list[str], folder: Path) -> None:
         from hmnist.cam import class_maps, overlay
@@ -264,6 +317,12 @@ class Predictor:
                 future.cancel()
 
 
+def beside(out: str, suffix: str) -> Path:
+    """predictions.csv -> predictions_<suffix>.csv, in the same folder."""
+    path = Path(out)
+    return path.with_name(f"{path.stem}_{suffix}{path.suffix or '.csv'}")
+
+
 def write_submission(frame: pd.DataFrame, out: str) -> None:
     """The CSV to `out` ("-" for stdout), written under a temporary name and renamed when complete."""
     if out == "-":
@@ -281,14 +340,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a model saved by the train stage, e.g. models/model.pt; repeat it to average several "
                              "(the folds of cv.folds: --checkpoint models/model.pt --checkpoint models/fold1.pt ...)")
     parser.add_argument("--out", default="predictions.csv",
-                        help="the ISIC 2018 submission CSV to write; - for stdout (default: %(default)s)")
+                        help="the ISIC 2018 submission CSV to write; - for stdout (default: %(default)s). Beside "
+                             "it: OUT_calibrated.csv (calibrated probabilities) and OUT_decisions.csv (the argmax "
+                             "class and yes/no per operating point); with -, neither")
     parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: CUDA when present, else the CPU (default: %(default)s)")
-    parser.add_argument("--tta", nargs="?", const="flips", default="none", choices=TTA,
-                        help="test-time augmentation: average over the four flips of each image (--tta or "
-                             "--tta flips, 4x slower) or the eight flips and right-angle rotations (--tta dihedral, "
-                             "8x); as evaluate.tta, so predict and evaluate agree (default: %(default)s)")
+    parser.add_argument("--tta", nargs="?", const="flips", default=None, choices=TTA,
+                        help="test-time augmentation instead of the checkpoint's own (models.<name>.tta, which "
+                             "evaluate used): none, hflip (the image and its horizontal flip), flips (the four "
+                             "flips; --tta alone) or dihedral (the eight flips and right-angle rotations) "
+                             "(default: the checkpoint's)")
     parser.add_argument("--explain", metavar="DIR",
                         help="also write each image's class-activation map (Grad-CAM, for its predicted class) "
                              "over the image as DIR/<image>.png")
@@ -300,20 +362,26 @@ def run(args: argparse.Namespace) -> None:
     files = find_images(args.paths)  # before loading the model: a typo fails in a blink
     check_unique_names(files)
     predictor = Predictor(args.checkpoint, args.device)
-    frame = predictor.predict(files, args.batch_size, tta=args.tta, skip_bad=args.skip_bad, progress=None,
-                              explain=args.explain)
+    result = predictor.classify(files, args.batch_size, tta=args.tta, skip_bad=args.skip_bad, progress=None,
+                                explain=args.explain)
+    frame = result.submission
     write_submission(frame, args.out)
+    if args.out != "-":
+        write_submission(result.calibrated, str(beside(args.out, "calibrated")))
+        write_submission(result.decisions, str(beside(args.out, "decisions")))
     report = sys.stderr if args.out == "-" else sys.stdout  # stdout may be the CSV itself
-    skipped = frame.attrs["skipped"]
+    skipped = result.skipped
     if skipped:
         print(f"skipped {len(skipped)} file(s) that could not be read as images:", file=sys.stderr)
         for path in skipped:
             print(f"  {path}", file=sys.stderr)
     where = "stdout" if args.out == "-" else args.out
     ensemble = f", ensemble of {len(predictor.members)}" if len(predictor.members) > 1 else ""
+    tta = args.tta or predictor.members[0].tta
+    also = f" (and {beside(args.out, 'calibrated')}, {beside(args.out, 'decisions')})" if args.out != "-" else ""
     print(f"{predictor.model_name} ({predictor.arch}{ensemble}) classified {len(frame)} image(s)"
-          f"{'' if args.tta == 'none' else f' with TTA ({args.tta})'}: "
-          f"wrote {where}" + (f", and their maps to {args.explain}" if args.explain else ""), file=report)
+          f"{'' if tta == 'none' else f' with TTA ({tta})'}: "
+          f"wrote {where}{also}" + (f", and their maps to {args.explain}" if args.explain else ""), file=report)
 
 
 @cli

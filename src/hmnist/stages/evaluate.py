@@ -1,7 +1,14 @@
-"""Stage `evaluate`: test-split metrics with 95% lesion-bootstrap intervals, a confusion matrix,
-ROC curves and a reliability diagram; with cv.folds K >= 2, the K fold models' ensemble
-(averaged probabilities) on the test split, each fold's own test metrics (mean and standard
-deviation over folds) and the out-of-fold validation metrics.
+"""Stage `evaluate`: test-split metrics with 95% lesion-bootstrap intervals, calibration metrics
+before and after the checkpoint's calibration, each operating point's test sensitivity and
+specificity, a confusion matrix, ROC curves and a reliability diagram; with cv.folds K >= 2, the
+K fold models' ensemble (averaged probabilities) on the test split, each fold's own test metrics
+(mean and standard deviation over folds) and the out-of-fold validation metrics.
+
+Each model is run with its checkpoint's test-time augmentation and calibrated with its
+checkpoint's calibration (both fitted or chosen in training, never here). The decisions that
+balanced accuracy scores are the argmax of the uncalibrated probabilities, in predictions/test.csv;
+the calibrated probabilities go beside it, in predictions/test_calibrated.csv (docs/metrics.md).
+Every output is written under a temporary name and renamed when whole.
 
 The test split is never seen in training or model selection. Probabilities come from the
 checkpoint through `engine.inference_model` and `engine.predict_probs`, the path `hmnist predict`
@@ -18,17 +25,29 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, roc_curve
 
+from hmnist import calibration
 from hmnist.config import CLASSES, load_params
 from hmnist.data import (METRICS, PLOTS, PREDICTIONS, PREPARED, fold_paths, fold_split, load_folds, load_prepared,
-                         load_split, split_rows)
+                         load_split, split_rows, write_whole)
 from hmnist.engine import inference_model, predict_probs, resolve_device, to_device
 from hmnist.errors import UserError, cli
-from hmnist.metrics import (INTERVAL_METRICS, bootstrap_intervals, calibration_table, compute_metrics,
-                            expected_calibration_error, roc_table, submission_frame)
+from hmnist.metrics import (CALIBRATION_METRICS, INTERVAL_METRICS, bootstrap_intervals, calibration_metrics,
+                            calibration_table, compute_metrics, operating_point_metrics, roc_table, submission_frame)
 from hmnist.models import load_checkpoint
 
+CALIBRATED_PREDICTIONS = PREDICTIONS.with_name("test_calibrated.csv")
 
-def plot_pngs(labels: np.ndarray, probs: np.ndarray, metrics: dict[str, Any], title: str, out: Path) -> None:
+
+def save_figure(fig: Any, path: Path) -> None:
+    write_whole(path, lambda partial: fig.savefig(partial, dpi=120, format="png"))
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    write_whole(path, lambda partial: frame.to_csv(partial, index=False, lineterminator="\n"))
+
+
+def plot_pngs(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, points: list[dict[str, Any]],
+              metrics: dict[str, Any], title: str, out: Path) -> None:
     """PNGs a user can open without a browser (DVC's HTML loads its chart library from the web)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -49,7 +68,7 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, metrics: dict[str, Any], ti
     ax.set_ylabel("actual")
     ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}, balanced {metrics['balanced_accuracy']:.3f}")
     fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=120)
+    save_figure(fig, out / "confusion_matrix.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -59,54 +78,90 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, metrics: dict[str, Any], ti
             continue
         fpr, tpr, _ = roc_curve(labels == i, probs[:, i])
         ax.plot(fpr, tpr, label=f"{name.upper()} (AUC {auc:.3f})")
+    # each operating point on the ROC curve of its own score (the calibrated probability of its
+    # classes), at the test sensitivity and specificity its validation threshold reaches
+    for op in points:
+        positives = calibration.positives_of(labels, op["classes"])
+        if positives.all() or not positives.any():
+            continue
+        scores = calibration.flag_scores(calibrated, op["classes"])
+        fpr, tpr, _ = roc_curve(positives, scores)
+        line, = ax.plot(fpr, tpr, linestyle="--", linewidth=1, label=f"{'+'.join(op['classes']).upper()}, calibrated")
+        tested = metrics["operating_points"][op["name"]]
+        ax.plot(1 - tested["specificity"], tested["sensitivity"], marker="o", markersize=8, color=line.get_color(),
+                linestyle="none", label=f"{op['name']}: sensitivity {tested['sensitivity']:.2f}, "
+                                        f"specificity {tested['specificity']:.2f}")
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title(f"{title}: one-vs-rest ROC, macro AUC {metrics['macro_auc'] or math.nan:.3f}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=120)
+    save_figure(fig, out / "roc.png")
     plt.close(fig)
 
-    table = calibration_table(labels, probs)
+    # each bin's share right at its images' mean confidence: on the diagonal when calibrated
     fig, ax = plt.subplots(figsize=(6, 6))
-    used = table["images"] > 0
-    ax.bar(table["bin_low"], table["accuracy"].where(used, 0), width=table["bin_high"] - table["bin_low"],
-           align="edge", edgecolor="black", alpha=0.7, label="share right, per confidence bin")
+    for name, p, ece in (("uncalibrated", probs, metrics["ece_uncalibrated"]), ("calibrated", calibrated, metrics["ece"])):
+        table = calibration_table(labels, p).dropna()
+        ax.plot(table["confidence"], table["accuracy"], marker="o", label=f"{name}, ECE {ece:.3f}")
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect calibration")
-    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability, bin mean)")
     ax.set_ylabel("share classified right")
-    ax.set_title(f"{title}: reliability, ECE {metrics['ece']:.3f}")
+    ax.set_title(f"{title}: reliability")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=120)
+    save_figure(fig, out / "reliability.png")
     plt.close(fig)
 
 
 def evaluate(checkpoint: dict[str, Any], images: np.ndarray, batch_size: int, device_name: str = "auto",
-             tta: str = "none") -> np.ndarray:
-    """Test-set probabilities, preprocessed exactly as the checkpoint says."""
+             tta: str | None = None) -> np.ndarray:
+    """Test-set probabilities (uncalibrated), preprocessed exactly as the checkpoint says, with
+    its test-time augmentation unless `tta` names another."""
     if int(images.shape[1]) != checkpoint["prepare_size"]:
         raise UserError(f"the prepared cache is {images.shape[1]}px but the model was trained on "
                         f"{checkpoint['prepare_size']}px: run `dvc repro`")
     device = resolve_device(device_name)
     model, model_input = inference_model(checkpoint, device)
+    tta = checkpoint.get("tta", "none") if tta is None else tta  # a checkpoint from before per-model TTA: none
     return predict_probs(model, to_device(images, device), model_input, batch_size, device, progress=True, tta=tta)
 
 
-def report_metrics(labels: np.ndarray, probs: np.ndarray, lesion_ids: np.ndarray | None, resamples: int,
-                   seed: int) -> dict[str, Any]:
-    """compute_metrics, the ECE, and `<metric>_low`/`<metric>_high`: 95% lesion-bootstrap
-    intervals as plain keys, so `dvc metrics diff` and `dvc exp show` show them as columns."""
+def report_metrics(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, lesion_ids: np.ndarray | None,
+                   resamples: int, seed: int) -> dict[str, Any]:
+    """compute_metrics of the decisions (the uncalibrated argmax), ECE, NLL and Brier of the
+    calibrated probabilities and (`_uncalibrated`) of the model's own, and `<metric>_low`/
+    `<metric>_high`: 95% lesion-bootstrap intervals as plain keys, so `dvc metrics diff` and
+    `dvc exp show` show them as columns."""
     metrics = compute_metrics(labels, probs)
-    metrics["ece"] = expected_calibration_error(labels, probs)
     if resamples:
         for name, (low, high) in bootstrap_intervals(labels, probs, lesion_ids, resamples, seed).items():
             # NaN (no AUC defined in any resample) is not JSON: null, as compute_metrics writes it
             metrics[f"{name}_low"], metrics[f"{name}_high"] = (None, None) if math.isnan(low) else (low, high)
-    order = [*INTERVAL_METRICS, "ece"]  # each metric beside its interval
+    metrics.update(calibration_metrics(labels, calibrated, lesion_ids, resamples, seed))
+    for key, value in calibration_metrics(labels, probs, lesion_ids, resamples, seed).items():
+        name, _, end = key.partition("_")  # ece_low -> ece_uncalibrated_low
+        metrics[f"{name}_uncalibrated{'_' + end if end else ''}"] = value
+    # each metric beside its interval
+    order = [*INTERVAL_METRICS, *(f"{n}{c}" for n in CALIBRATION_METRICS for c in ("", "_uncalibrated"))]
     keys = [k for name in order for k in (name, f"{name}_low", f"{name}_high") if k in metrics]
     return {**{k: metrics[k] for k in keys}, **{k: v for k, v in metrics.items() if k not in keys}}
+
+
+def test_operating_points(labels: np.ndarray, calibrated: np.ndarray, points: list[dict[str, Any]],
+                          lesion_ids: np.ndarray | None, resamples: int, seed: int) -> dict[str, Any]:
+    """Each operating point's test sensitivity and specificity at its validation threshold, with
+    their intervals: a threshold chosen on a few hundred validation images misses its target on
+    test by some amount, and this shows by how much."""
+    flagged = calibration.decisions(calibrated, points)
+    return {op["name"]: {"classes": op["classes"], "target_sensitivity": op["target_sensitivity"],
+                         "threshold": op["threshold"],
+                         **operating_point_metrics(calibration.positives_of(labels, op["classes"]), flagged[op["name"]],
+                                                   lesion_ids, resamples, seed)}
+            for op in points}
 
 
 def cv_summary(fold_metrics: list[dict[str, Any]], oof: dict[str, Any]) -> dict[str, Any]:
@@ -134,40 +189,53 @@ def main() -> None:
     checkpoints = [load_checkpoint(fold_paths(fold).checkpoint) for fold in range(params.cv.folds)]
     ev = params.evaluate
 
-    def predict(checkpoint: dict[str, Any], rows: np.ndarray) -> np.ndarray:
-        return evaluate(checkpoint, images[rows], ev.batch_size, params.train.device, ev.tta)
+    def predict(checkpoint: dict[str, Any], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A checkpoint's probabilities for `rows`, and their calibration by the checkpoint's own."""
+        probs = evaluate(checkpoint, images[rows], ev.batch_size, params.train.device)
+        return probs, calibration.apply(probs, checkpoint.get("calibration"))
 
-    fold_probs = [predict(checkpoint, rows) for checkpoint in checkpoints]
-    probs = np.mean(fold_probs, axis=0)  # with one fold, that fold's probabilities
+    fold_outputs = [predict(checkpoint, rows) for checkpoint in checkpoints]
+    # with one fold, that fold's probabilities; an ensemble averages the members' own (the
+    # decisions) and their calibrated ones (each member calibrated on its own validation fold)
+    probs = np.mean([p for p, _ in fold_outputs], axis=0)
+    calibrated = np.mean([c for _, c in fold_outputs], axis=0)
+    points = calibration.ensemble_operating_points(checkpoints)
     first = checkpoints[0]
-    metrics = {"model": first["model_name"], "arch": first["arch"], "tta": ev.tta,
-               **report_metrics(labels[rows], probs, lesions[rows], ev.bootstrap, ev.bootstrap_seed)}
+    metrics = {"model": first["model_name"], "arch": first["arch"], "tta": first.get("tta", "none"),
+               "calibration": (first.get("calibration") or {}).get("method", "none"),
+               **report_metrics(labels[rows], probs, calibrated, lesions[rows], ev.bootstrap, ev.bootstrap_seed),
+               "operating_points": test_operating_points(labels[rows], calibrated, points, lesions[rows],
+                                                         ev.bootstrap, ev.bootstrap_seed)}
     if len(checkpoints) > 1:
         metrics["ensemble_of"] = len(checkpoints)
         folds, oof_probs = load_folds(), np.zeros((len(index), len(CLASSES)))
+        oof_calibrated = np.zeros_like(oof_probs)
         held_out = np.zeros(len(index), dtype=bool)
         for fold, checkpoint in enumerate(checkpoints):
             val = split_rows(index, fold_split(split, folds, fold), "val")
-            oof_probs[val], held_out[val] = predict(checkpoint, val), True
-        fold_metrics = [report_metrics(labels[rows], p, lesions[rows], 0, 0) for p in fold_probs]
-        metrics["cv"] = cv_summary(fold_metrics, report_metrics(labels[held_out], oof_probs[held_out], None, 0, 0))
+            (oof_probs[val], oof_calibrated[val]), held_out[val] = predict(checkpoint, val), True
+        fold_metrics = [report_metrics(labels[rows], p, c, lesions[rows], 0, 0) for p, c in fold_outputs]
+        metrics["cv"] = cv_summary(fold_metrics, report_metrics(labels[held_out], oof_probs[held_out],
+                                                                oof_calibrated[held_out], None, 0, 0))
 
-    METRICS.parent.mkdir(parents=True, exist_ok=True)
-    METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
-    PLOTS.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"actual": [CLASSES[i] for i in labels[rows]], "predicted": [CLASSES[i] for i in probs.argmax(1)]}
-                 ).to_csv(PLOTS / "confusion.csv", index=False, lineterminator="\n")
-    roc_table(labels[rows], probs).to_csv(PLOTS / "roc.csv", index=False, lineterminator="\n")
-    calibration_table(labels[rows], probs).round(6).to_csv(PLOTS / "calibration.csv", index=False,
-                                                           lineterminator="\n")
+    write_whole(METRICS, lambda partial: partial.write_text(json.dumps(metrics, indent=2) + "\n"))
+    write_csv(pd.DataFrame({"actual": [CLASSES[i] for i in labels[rows]],
+                            "predicted": [CLASSES[i] for i in probs.argmax(1)]}), PLOTS / "confusion.csv")
+    write_csv(roc_table(labels[rows], probs), PLOTS / "roc.csv")
+    # DVC's plot reads confidence and accuracy: the calibrated probabilities'; the model's own beside
+    table = calibration_table(labels[rows], calibrated)
+    own = calibration_table(labels[rows], probs)[["images", "confidence", "accuracy"]].add_suffix("_uncalibrated")
+    write_csv(pd.concat([table, own], axis=1).round(6), PLOTS / "calibration.csv")
     title = first["model_name"] + (f", {len(checkpoints)}-fold ensemble" if len(checkpoints) > 1 else "")
-    plot_pngs(labels[rows], probs, metrics, title, PLOTS)
-    PREDICTIONS.parent.mkdir(parents=True, exist_ok=True)
+    plot_pngs(labels[rows], probs, calibrated, points, metrics, title, PLOTS)
     # the submission's columns, then what `hmnist compare` needs to compare two runs on their own
-    frame = submission_frame(index["image_id"].iloc[rows].tolist(), probs)
-    truth = index.iloc[rows].set_index("image_id").loc[frame["image"]]
-    frame["lesion_id"], frame["dx"] = truth["lesion_id"].to_numpy(), truth["dx"].to_numpy()
-    frame.to_csv(PREDICTIONS, index=False, lineterminator="\n")
+    image_ids = index["image_id"].iloc[rows].tolist()
+    truth = index.iloc[rows].set_index("image_id")
+    for path, p in ((PREDICTIONS, probs), (CALIBRATED_PREDICTIONS, calibrated)):
+        frame = submission_frame(image_ids, p)
+        frame["lesion_id"] = truth.loc[frame["image"], "lesion_id"].to_numpy()
+        frame["dx"] = truth.loc[frame["image"], "dx"].to_numpy()
+        write_csv(frame, path)
 
     def interval(name: str) -> str:
         low, high = metrics.get(f"{name}_low"), metrics.get(f"{name}_high")
@@ -176,7 +244,18 @@ def main() -> None:
     print(f"{title} on {len(rows)} test images: balanced accuracy {metrics['balanced_accuracy']:.4f}"
           f"{interval('balanced_accuracy')}, accuracy {metrics['accuracy']:.4f}{interval('accuracy')}, "
           f"macro AUC {metrics['macro_auc'] or math.nan:.4f}, melanoma sensitivity "
-          f"{metrics['melanoma_sensitivity']:.4f}{interval('melanoma_sensitivity')}, ECE {metrics['ece']:.4f}")
+          f"{metrics['melanoma_sensitivity']:.4f}{interval('melanoma_sensitivity')}, ECE {metrics['ece_uncalibrated']:.4f} -> "
+          f"{metrics['ece']:.4f} calibrated ({metrics['calibration']})")
+    for name, op in metrics["operating_points"].items():
+        print(f"  {name} (threshold {op['threshold']:.4f} from validation): test sensitivity "
+              f"{op['sensitivity'] if op['sensitivity'] is not None else math.nan:.4f}{interval_of(op, 'sensitivity')}, "
+              f"specificity {op['specificity'] if op['specificity'] is not None else math.nan:.4f}"
+              f"{interval_of(op, 'specificity')}")
+
+
+def interval_of(values: dict[str, Any], name: str) -> str:
+    low, high = values.get(f"{name}_low"), values.get(f"{name}_high")
+    return f" [{low:.4f}, {high:.4f}]" if low is not None else ""
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
-from hmnist import distributed
+from hmnist import calibration, distributed
 from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, Params, load_params
 from hmnist.data import PREPARED, fold_paths, fold_split, load_folds, load_prepared, load_split, split_rows
@@ -70,8 +70,12 @@ def warmup_epochs(params: Params) -> float:
 
 def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]) -> str:
     """Which run a saved state belongs to: same params, same split, same cache size."""
-    payload = json.dumps({"model": params.model, "config": asdict(params.model_config),
-                          "train": asdict(params.train), "cache": list(cache_shape)}, sort_keys=True)
+    # what is fitted after the last epoch does not change the epochs: a state survives a change to it
+    after = ("calibration", "operating_points")
+    train = {k: v for k, v in asdict(params.train).items() if k not in after}
+    config = {k: v for k, v in asdict(params.model_config).items() if k != "tta"}
+    payload = json.dumps({"model": params.model, "config": config, "train": train, "cache": list(cache_shape)},
+                         sort_keys=True)
     digest = hashlib.sha256(payload.encode())
     digest.update(pd.util.hash_pandas_object(split, index=False).values.tobytes())
     return digest.hexdigest()[:16]
@@ -97,6 +101,7 @@ class Run:
     train_labels: torch.Tensor
     val_images: torch.Tensor
     val_labels: np.ndarray
+    val_lesions: np.ndarray  # the calibration's held-out folds are whole lesions
     model_input: ModelInput
     generator: torch.Generator  # batch sampling and augmentation
     augment: Augment | None
@@ -162,6 +167,7 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
 
     labels = index["label"].to_numpy().astype(np.int64)
     train_rows, val_rows = split_rows(index, split, "train"), split_rows(index, split, "val")
+    check_operating_points(params, labels[val_rows])  # before any training: a threshold needs positives
     train_images, val_images = to_device(images[train_rows], device), to_device(images[val_rows], device)
     train_labels = torch.from_numpy(labels[train_rows]).to(device)
 
@@ -188,7 +194,8 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     return Run(params=params, ranks=ranks, device=device, train_images=train_images, train_labels=train_labels,
-               val_images=val_images, val_labels=labels[val_rows], model_input=model_input, generator=generator,
+               val_images=val_images, val_labels=labels[val_rows], val_lesions=index["lesion_id"].to_numpy()[val_rows],
+               model_input=model_input, generator=generator,
                augment=augment, criterion=criterion, loss_weights=loss_weights, sample_weights=sample_weights,
                mixer=mixer, batch_size=batch_size,
                # inference keeps no activations for backward: twice the training batch fits where
@@ -338,10 +345,34 @@ def _save_state(run: Run, resume_path: Path | None, epoch: int) -> None:
     resume_path.with_suffix(".tmp").replace(resume_path)
 
 
+def check_operating_points(params: Params, val_labels: np.ndarray) -> None:
+    for i, op in enumerate(params.train.operating_points):
+        if not calibration.positives_of(val_labels, op.classes).any():
+            raise UserError(f"train.operating_points[{i}] ({op.name}): the validation split has no image of "
+                            f"{', '.join(op.classes)} to choose its threshold on: use more images, or remove it")
+
+
+def calibrate(run: Run) -> dict[str, Any]:
+    """The kept model's calibration and operating points, fitted on the validation split's
+    probabilities (averaged over the model's TTA views, as evaluate and predict will see them)."""
+    tc = run.params.train
+    probs = predict_probs(run.model, run.val_images, run.model_input, run.val_batch_size, run.device,
+                          tta=run.config.tta)
+    fitted, held_out = calibration.choose(probs, run.val_labels, run.val_lesions, tc.calibration)
+    calibrated = calibration.apply(probs, fitted)
+    return {"tta": run.config.tta, "calibration": fitted,
+            "calibration_held_out_nll": held_out,  # auto: each method's NLL on held-out validation lesions
+            "val_nll_uncalibrated": calibration.nll(probs, run.val_labels),
+            "val_nll": calibration.nll(calibrated, run.val_labels),
+            "operating_points": calibration.operating_points(calibrated, run.val_labels, tc.operating_points)}
+
+
 def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Module, dict[str, Any]]:
-    """The kept weights loaded, the curves drawn, and the checkpoint's metadata: how the model was made."""
+    """The kept weights loaded, the curves drawn, the calibration fitted, and the checkpoint's
+    metadata: how the model was made."""
     params, config, history = run.params, run.config, run.history
     run.model.load_state_dict(run.best_state)
+    fitted = calibrate(run) if run.ranks.main else {}  # only rank 0 writes the checkpoint
     best = history.epochs[history.best_epoch - 1]
     prefix = "val" if history.best_weights == "raw" else "val_ema"
     if curves is not None and run.ranks.main:
@@ -367,6 +398,7 @@ def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Modul
         "processes": run.ranks.world,
         "train_images_per_second": float(np.median([r["train_images_per_second"] for r in history.epochs])),
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
+        **fitted,
     }
     return run.model.eval(), meta
 
@@ -455,11 +487,18 @@ def _main(params: Params, fold: int, ranks: distributed.Ranks) -> None:
         live.summary["best/ema"] = int(meta["kept_weights"] == "ema")  # 1: the EMA weights were kept
         live.summary["best/val_balanced_accuracy"] = meta["val_balanced_accuracy"]
         live.summary["best/val_accuracy"] = meta["val_accuracy"]
+        live.summary["calibration/val_nll_uncalibrated"] = meta["val_nll_uncalibrated"]
+        live.summary["calibration/val_nll"] = meta["val_nll"]
+        live.summary["calibration/temperature"] = (meta["calibration"] or {}).get("temperature", 1.0)
+        for op in meta["operating_points"]:
+            live.summary[f"operating_points/{op['name']}/threshold"] = op["threshold"]
     save_checkpoint(out.checkpoint, model, {**meta, "fold": fold})
     resume_path.unlink(missing_ok=True)  # finished: a re-run with these params starts afresh
     print(f"saved {out.checkpoint}: {params.model} kept epoch {meta['best_epoch']} ({meta['kept_weights']} weights, "
           f"select {params.train.select}), "
-          f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}, "
+          f"val balanced accuracy {meta['val_balanced_accuracy']:.4f}, calibration "
+          f"{(meta['calibration'] or {}).get('method', 'none')} (val NLL {meta['val_nll_uncalibrated']:.4f} -> "
+          f"{meta['val_nll']:.4f}), "
           f"{meta['train_images_per_second']:.0f} training images/s")
 
 
