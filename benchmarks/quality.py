@@ -121,16 +121,24 @@ def stage_run(workdir: Path, name: str, seed: int, params: dict, data: Path, src
 
 
 def tta_run(workdir: Path, run: dict, tta: str, src: Path) -> dict:
-    """A finished run's checkpoint evaluated again with evaluate.tta set: TTA costs no training."""
+    """A finished run's checkpoint evaluated again with another TTA: TTA costs no training. The
+    model's TTA is in its checkpoint (models.<name>.tta), so the copy's is changed; its
+    calibration stays the one fitted on the original views. A source tree from before
+    per-model TTA reads evaluate.tta instead."""
+    import torch
+
     source = workdir / "runs" / f"{run['config']}-{run['seed']}"
     project = workdir / "runs" / f"{run['config']}+tta-{tta}-{run['seed']}"
     shutil.rmtree(project, ignore_errors=True)
     (project / "models").mkdir(parents=True)
     (project / "data").symlink_to((source / "data").resolve())
-    shutil.copy(source / "models/model.pt", project / "models/model.pt")
+    checkpoint = torch.load(source / "models/model.pt", map_location="cpu", weights_only=True)
+    checkpoint["tta"] = tta
+    torch.save(checkpoint, project / "models/model.pt")
     shutil.copytree(source / "dvclive", project / "dvclive")
     params = yaml.safe_load((source / "params.yaml").read_text())
-    params["evaluate"]["tta"] = tta
+    if "tta" in params.get("evaluate", {}):
+        params["evaluate"]["tta"] = tta
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_stage("evaluate", project, src, project / "log.txt")
     result = collect(project, (source / "data").resolve(), params, None)
@@ -152,6 +160,15 @@ def collect(project: Path, data: Path, params: dict, train_seconds: float | None
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
             "macro_auc": metrics["macro_auc"], "melanoma_sensitivity": metrics["melanoma_sensitivity"],
             "ece": metrics.get("ece"),
+            # calibration (absent from runs of a source tree from before it): before and after
+            **{f"{name}{kind}": metrics.get(f"{name}{kind}") for name in ("ece", "nll", "brier")
+               for kind in ("_uncalibrated", "") if name != "ece" or kind},
+            "calibration": metrics.get("calibration"),
+            # each operating point's test sensitivity and specificity at its validation threshold
+            "operating_points": {name: {k: op.get(k) for k in ("threshold", "sensitivity", "sensitivity_low",
+                                                              "sensitivity_high", "specificity", "specificity_low",
+                                                              "specificity_high")}
+                                 for name, op in (metrics.get("operating_points") or {}).items()},
             "val_balanced_accuracy": live["best/val_balanced_accuracy"],
             # the raw weights' validation balanced accuracy, epoch by epoch
             "val_curve": val_curve,
@@ -344,6 +361,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def calibration_table(results: list[dict]) -> str:
+    """Per configuration: test ECE and Brier before and after calibration, and each operating
+    point's test sensitivity and specificity (mean ± sd over seeds; "-" for runs without them)."""
+    def cell(values: list[float | None]) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+    points = list(dict.fromkeys(n for r in results for n in r.get("operating_points") or {}))
+    rows = ["| configuration | seeds | ECE before | ECE after | Brier before | Brier after | "
+            + "".join(f"{n} sensitivity | {n} specificity | " for n in points),
+            "|---|--:|--:|--:|--:|--:|" + "--:|--:|" * len(points)]
+    for name in dict.fromkeys(r["config"] for r in results):
+        runs = [r for r in results if r["config"] == name]
+        cells = [cell([r.get("ece_uncalibrated") for r in runs]), cell([r.get("ece") if r.get("ece_uncalibrated")
+                                                                         is not None else None for r in runs]),
+                 cell([r.get("brier_uncalibrated") for r in runs]), cell([r.get("brier") for r in runs])]
+        for point in points:
+            for key in ("sensitivity", "specificity"):
+                cells.append(cell([(r.get("operating_points") or {}).get(point, {}).get(key) for r in runs]))
+        rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, required=True, help="a HAM10000 zip in the Kaggle layout (real images)")
@@ -361,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="appended to each configuration's name in the results")
     parser.add_argument("--table-only", action="store_true", help="print the table of the results so far")
     parser.add_argument("--tta", choices=("flips", "dihedral"),
-                        help="instead of training: evaluate the finished runs of --configs again with evaluate.tta "
+                        help="instead of training: evaluate the finished runs of --configs again with their checkpoints' TTA "
                              "set to this (rows named CONFIG+tta-MODE)")
     parser.add_argument("--speed", type=int, metavar="ROUNDS", default=0,
                         help="instead of quality runs: the training speed of each configuration's stage loop "
@@ -399,12 +441,14 @@ def main(argv: list[str] | None = None) -> None:
                     result = tta_run(args.workdir, run, args.tta, args.src.resolve())
                     result.update(config=label, seed=run["seed"], model=args.budget, size=args.size,
                                   epochs=args.epochs, commit=commit,
-                                  overrides={**run.get("overrides", {}), "evaluate.tta": args.tta},
+                                  overrides={**run.get("overrides", {}), "tta": args.tta},
                                   date=time.strftime("%Y-%m-%d"))
                     done.append(result)
                     with open(results_file, "a") as f:
                         f.write(json.dumps(result) + "\n")
             print(table([r for r in done if same_budget(r)]))
+            print()
+            print(calibration_table([r for r in done if same_budget(r)]))
             return
         if args.speed:
             runs = {name + args.tag: budget(base, args.archive.resolve(), args.size, args.epochs, 0, configs[name],
@@ -445,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps(result) + "\n")
                 print(json.dumps(result), file=sys.stderr, flush=True)
     print(table([r for r in done if same_budget(r)]))
+    print()
+    print(calibration_table([r for r in done if same_budget(r)]))
 
 
 if __name__ == "__main__":

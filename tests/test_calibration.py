@@ -120,3 +120,20 @@ def test_operating_point_metrics():
     assert out["sensitivity"] == 0.75 and out["specificity"] == 0.8
     assert out["sensitivity_low"] <= 0.75 <= out["sensitivity_high"]
     assert operating_point_metrics(np.zeros(3, bool), np.ones(3, bool))["sensitivity"] is None
+
+
+def test_compare_operating_points():
+    from hmnist.metrics import compare_operating_points
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 7, 300)
+    lesions = np.arange(300) // 3
+    flags = {"mel@sens0.80": rng.random(300) < 0.3}
+    everything = {"mel@sens0.80": np.ones(300, bool)}
+    same = compare_operating_points(labels, lesions, {"mel@sens0.80": ["mel"]}, [flags], [flags], 300, 0)
+    row = same["mel@sens0.80"]["specificity"]
+    assert row["difference"] == row["low"] == row["high"] == 0 and row["verdict"] == "no detectable difference"
+    worse = compare_operating_points(labels, lesions, {"mel@sens0.80": ["mel"]}, [flags], [everything, everything],
+                                     300, 0)["mel@sens0.80"]
+    assert worse["specificity"]["b"] == 0 and worse["specificity"]["verdict"] == "A better"
+    assert worse["sensitivity"]["b"] == 1 and worse["sensitivity"]["verdict"] == "B better"

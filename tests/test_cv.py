@@ -70,6 +70,21 @@ def test_three_folds(project, tmp_path, capsys):
     assert "ensemble of 3" in capsys.readouterr().out
     ensemble = pd.read_csv(tmp_path / "ensemble.csv")
     np.testing.assert_allclose(ensemble[COLUMNS].to_numpy(), test[COLUMNS].to_numpy(), atol=1e-5)
+    # calibrated: each fold by its own calibration, then averaged, in evaluate as in predict
+    calibrated = pd.read_csv(project / "predictions/test_calibrated.csv")
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "ensemble_calibrated.csv")[COLUMNS].to_numpy(),
+                               calibrated[COLUMNS].to_numpy(), atol=1e-5)
+    from hmnist.models import load_checkpoint
+
+    members = [load_checkpoint(project / f"models/{f}.pt") for f in ("model", "fold1", "fold2")]
+    assert len({m["calibration"]["temperature"] for m in members}) == 3  # each fitted on its own fold
+    for op in ("mel@sens0.80", "malignant@sens0.90"):  # the ensemble's threshold: the mean of the folds'
+        thresholds = [next(p["threshold"] for p in m["operating_points"] if p["name"] == op) for m in members]
+        assert metrics["operating_points"][op]["threshold"] == pytest.approx(np.mean(thresholds))
+    decisions = pd.read_csv(tmp_path / "ensemble_decisions.csv")
+    score = calibrated[["MEL", "BCC", "AKIEC"]].sum(axis=1).to_numpy()
+    expected = np.where(score >= metrics["operating_points"]["malignant@sens0.90"]["threshold"], "yes", "no")
+    assert decisions["malignant@sens0.90"].tolist() == expected.tolist()
     one = hmnist.load(project / "models/fold1.pt", device="cpu").predict(images)
     assert np.abs(one[COLUMNS].to_numpy() - test[COLUMNS].to_numpy()).max() > 1e-3  # a fold alone is not the ensemble
 

@@ -4,6 +4,7 @@ through a git remote and a DVC remote (docs/sharing.md, "Sharing experiments")."
 import json
 import zipfile
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -46,6 +47,14 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
         assert metrics[f"{name}_low"] <= metrics[name] <= metrics[f"{name}_high"], name
     assert metrics["balanced_accuracy_high"] - metrics["balanced_accuracy_low"] > 0.01
     assert 0 <= metrics["ece"] <= 1
+    for name in ("ece", "nll", "brier"):  # before and after the calibration, each with its interval
+        for key in (name, f"{name}_uncalibrated"):
+            assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
+    assert metrics["tta"] == "hflip" and metrics["calibration"] in ("temperature", "temperature_bias")
+    assert set(metrics["operating_points"]) == {"mel@sens0.80", "malignant@sens0.90"}
+    calibrated = pd.read_csv(project / "predictions/test_calibrated.csv")
+    assert calibrated["image"].tolist() == predictions["image"].tolist()
+    assert np.allclose(calibrated[["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]].sum(axis=1), 1, atol=1e-5)
     assert predictions["lesion_id"].tolist() == test["lesion_id"].tolist()
     assert predictions["dx"].tolist() == test["dx"].tolist()
     for path in ("plots/confusion_matrix.png", "plots/roc.png", "plots/reliability.png", "plots/training_curves.png"):
@@ -81,7 +90,8 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
     diff = run(["dvc", "metrics", "diff", "HEAD", "resnet9-exp", "--all", "--json"], project)  # --all: unchanged too
     rows = json.loads(diff.stdout)["metrics/metrics.json"]
     for key in ("accuracy", "balanced_accuracy", "balanced_accuracy_low", "balanced_accuracy_high", "ece",
-                "macro_auc", "melanoma_sensitivity", "per_class.mel.recall"):
+                "macro_auc", "melanoma_sensitivity", "per_class.mel.recall", "ece_uncalibrated", "brier",
+                "operating_points.mel@sens0.80.specificity"):
         assert "old" in rows[key] and "new" in rows[key], key
     text = run(["dvc", "metrics", "diff", "HEAD", "resnet9-exp"], project).stdout
     assert "balanced_accuracy" in text
@@ -113,6 +123,15 @@ def compare_experiments(project, tmp_path) -> dict:
     # `dvc exp run` leaves the experiment's outputs in the workspace: no difference at all
     same = json.loads(hmnist_compare(project, "workspace", "resnet9-exp", "--json").stdout)["metrics"]["accuracy"]
     assert same["difference"] == same["low"] == same["high"] == 0 and same["verdict"] == "no detectable difference"
+    # each operating point: each run's test specificity at its own validation threshold, B - A
+    points = result["operating_points"]
+    assert set(points) == {"mel@sens0.80", "malignant@sens0.90"}
+    for name, op in points.items():
+        row = op["specificity"]
+        assert row["a"] == pytest.approx(baseline["operating_points"][name]["specificity"])
+        assert row["b"] == pytest.approx(experiment["operating_points"][name]["specificity"])
+        assert row["low"] <= row["difference"] <= row["high"] and op["target_sensitivity"] in (0.8, 0.9)
+    assert "mel@sens0.80 spec." in hmnist_compare(project, "HEAD", "resnet9-exp").stdout
 
     missing = hmnist_compare(project, "HEAD", "no-such-exp", check=False)
     assert missing.returncode == 2

@@ -459,3 +459,30 @@ def test_a_checkpoint_from_before_tta_calibration_and_operating_points(trained, 
     np.testing.assert_allclose(old.submission.iloc[:, 1:].to_numpy(), new.iloc[:, 1:].to_numpy(), atol=1e-6)
     np.testing.assert_allclose(old.calibrated.iloc[:, 1:].to_numpy(), old.submission.iloc[:, 1:].to_numpy())
     assert old.decisions.columns.tolist() == ["image", "class"]
+
+
+def test_evaluate_writes_each_output_whole(trained, tmp_path, monkeypatch, capsys):
+    """A write that fails half-way (a full disk) leaves the previous file, not half a new one."""
+    from matplotlib.figure import Figure
+
+    from hmnist.stages import evaluate as evaluate_module
+
+    project = tmp_path / "project"
+    shutil.copytree(trained, project)
+    monkeypatch.chdir(project)
+    before = (project / "plots/roc.png").read_bytes()
+    real_savefig = Figure.savefig
+
+    def full_disk(self, fname, *args, **kwargs):
+        if "roc" in str(fname):
+            Path(fname).write_bytes(b"\x89PNG half a plot")
+            raise OSError(28, "No space left on device")
+        return real_savefig(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(SystemExit) as stopped:
+        evaluate_module.main()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: cannot write plots/roc.png: No space left on device")
+    assert (project / "plots/roc.png").read_bytes() == before
+    assert not list(project.rglob("*.partial"))

@@ -73,6 +73,24 @@ def test_sections_and_galleries(two_runs, page):
         assert sum(len(rows) for kinds in expected.values() for rows in kinds.values()) > 0
 
 
+def test_calibration_and_operating_points_table(two_runs, page):
+    _, text = page
+    table = re.search(r'<table class="operating-points">(.*?)</table>', text, flags=re.S).group(1)
+    header = re.findall(r"<th>(.*?)</th>", table)
+    assert header[:4] == ["run", "calibration", "ECE", "Brier"]
+    assert "mel@sens0.80: sensitivity" in header and "malignant@sens0.90: specificity" in header
+    rows = re.findall(r'<tr class="operating-point">(.*?)</tr>', table, flags=re.S)
+    assert len(rows) == 2
+    assert [re.findall(r"<td[^>]*>(.*?)</td>", row)[0] for row in rows] == ["HEAD", "seed1"]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[1])
+    metrics = json.loads((two_runs / "metrics/metrics.json").read_text())  # the workspace holds seed1's results
+    op = metrics["operating_points"]["mel@sens0.80"]
+    assert cells[header.index("mel@sens0.80: sensitivity")] == (
+        f"{op['sensitivity']:.4f} [{op['sensitivity_low']:.4f}, {op['sensitivity_high']:.4f}]")
+    assert cells[1] == metrics["calibration"]
+    assert cells[3].startswith(f"{metrics['brier_uncalibrated']:.4f} &rarr; {metrics['brier']:.4f} [")
+
+
 def test_self_contained(page):
     _, text = page
     assert "<script" not in text and "<link" not in text and "@import" not in text and "url(" not in text

@@ -333,3 +333,43 @@ def operating_point_metrics(positives: np.ndarray, flagged: np.ndarray, lesion_i
             low, high = _percentiles(samples[name], level)
             out[f"{name}_low"], out[f"{name}_high"] = (None, None) if np.isnan(low) else (low, high)
     return out
+
+
+def compare_operating_points(labels: np.ndarray, lesion_ids: np.ndarray, points: dict[str, list[str]],
+                             flags_a: list[dict[str, np.ndarray]], flags_b: list[dict[str, np.ndarray]],
+                             resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """For each operating point (name -> its classes) both sides have: B - A of the test
+    sensitivity and specificity each run reaches at its own validation threshold (`flags_*`:
+    per run, per point, which test images it flags), with compare_runs' paired interval and
+    verdict (several runs per side: the two-level bootstrap of paired_bootstrap)."""
+    weights = lesion_weights(lesion_ids, resamples, seed)
+    seeds = np.random.default_rng([seed, 2])  # the runs' draws, apart from the lesions'
+    ones = np.ones((1, len(labels)))
+    out = {}
+    for name, classes in points.items():
+        positives = np.isin(labels, [CLASSES.index(c) for c in classes]).astype(np.float64)
+
+        def rates(flagged: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+            flagged = flagged.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"), threadpool_limits(1, user_api="blas"):
+                return {"sensitivity": (w @ (positives * flagged)) / (w @ positives),
+                        "specificity": (w @ ((1 - positives) * (1 - flagged))) / (w @ (1 - positives))}
+
+        def side(flags: list[dict[str, np.ndarray]]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+            point = {k: float(np.mean([rates(f[name], ones)[k][0] for f in flags])) for k in ("sensitivity", "specificity")}
+            per_run = [rates(f[name], weights) for f in flags]
+            if len(flags) == 1:
+                return point, per_run[0]
+            draws, rows = seeds.integers(0, len(flags), size=(resamples, len(flags))), np.arange(resamples)[:, None]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return point, {k: np.nanmean(np.stack([r[k] for r in per_run])[draws, rows], axis=1) for k in point}
+
+        (point_a, sample_a), (point_b, sample_b) = side(flags_a), side(flags_b)
+        out[name] = {"classes": list(classes)}
+        for key in ("sensitivity", "specificity"):
+            low, high = _percentiles(sample_b[key] - sample_a[key], level)
+            row = {"a": point_a[key], "b": point_b[key], "difference": point_b[key] - point_a[key],
+                   "low": low, "high": high, "verdict": verdict(low, high)}
+            out[name][key] = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
+    return out

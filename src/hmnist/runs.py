@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 # data.PREDICTIONS and the others, as paths inside a revision (strings, as DVC takes them)
 PREDICTIONS = "predictions/test.csv"
+CALIBRATED = "predictions/test_calibrated.csv"
+METRICS = "metrics/metrics.json"
 SPLIT = "data/split.csv"
 CHECKPOINT = "models/model.pt"
 IMAGES, INDEX = "data/prepared/images.npy", "data/prepared/index.csv"
@@ -182,6 +184,25 @@ def _with_truth(frame: pd.DataFrame, split: pd.DataFrame, spec: str) -> pd.DataF
     if not set(frame["image"]) <= set(truth.index):
         raise UserError(f"{spec}: {PREDICTIONS} lists images that {SPLIT} does not")
     return frame.join(truth, on="image")
+
+
+def read_operating_points(spec: str, repo: str = ".") -> tuple[dict[str, dict], pd.DataFrame] | None:
+    """A run's operating points (metrics.json's, with their validation thresholds) and its
+    calibrated test probabilities, sorted by image; None for a predictions CSV file or a run from
+    before operating points."""
+    import json
+
+    if spec != WORKSPACE and (spec.lower().endswith(".csv") or Path(spec).is_file()):
+        return None
+    run = Run(spec, repo)
+    try:
+        points = json.loads(run.read(METRICS)).get("operating_points")
+        calibrated = _read_csv(run.read(CALIBRATED), f"{CALIBRATED} of {spec}") if points else None
+    except (FileNotFoundError, ValueError):
+        return None
+    if not points:
+        return None
+    return points, calibrated.sort_values("image", kind="stable").reset_index(drop=True)
 
 
 def check_same_test_set(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -> None:

@@ -19,6 +19,10 @@ a verdict on these two trained models, not on their recipes: another seed of eit
 elsewhere. With several runs per side (comma-separated), each side is the mean of its runs and
 every resample also redraws each side's runs (a two-level bootstrap: seeds and lesions), so the
 verdict is about the recipes.
+
+Runs whose evaluate stage reported operating points (train.operating_points) are also compared
+on each point both have: the test sensitivity and specificity each reaches at its own threshold,
+chosen on its validation split for the same target sensitivity (docs/metrics.md).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import json
 from typing import TYPE_CHECKING
 
 from hmnist.errors import at_least, cli
-from hmnist.runs import check_same_test_set, parse_recipe, read_recipe
+from hmnist.runs import PROB_COLUMNS, check_same_test_set, parse_recipe, read_operating_points, read_recipe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,6 +43,41 @@ def compare(a: pd.DataFrame | list[pd.DataFrame], b: pd.DataFrame | list[pd.Data
     from hmnist.metrics import compare_runs  # with sklearn: seconds that `hmnist --help` should not wait
 
     return compare_runs(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], resamples, seed)
+
+
+def operating_points(specs_a: list[str], specs_b: list[str], predictions: pd.DataFrame, repo: str,
+                     resamples: int, seed: int) -> dict:
+    """metrics.compare_operating_points for the points (same name, classes and target) every
+    run has; {} when a run has none (a CSV file, or a run from before operating points)."""
+    from hmnist.calibration import flag_scores
+    from hmnist.config import CLASSES
+    from hmnist.metrics import compare_operating_points
+
+    sides = [[read_operating_points(spec, repo) for spec in specs] for specs in (specs_a, specs_b)]
+    runs = [r for side in sides for r in side]
+    if any(r is None or r[1]["image"].tolist() != predictions["image"].tolist() for r in runs):
+        return {}
+
+    def key(op: dict) -> tuple:
+        return tuple(op["classes"]), op["target_sensitivity"]
+
+    first = runs[0][0]
+    common = {name: op["classes"] for name, op in first.items()
+              if all(name in points and key(points[name]) == key(op) for points, _ in runs)}
+    if not common:
+        return {}
+
+    def flags(run: tuple[dict, pd.DataFrame]) -> dict:
+        points, calibrated = run
+        return {name: flag_scores(calibrated[PROB_COLUMNS].to_numpy(float), classes) >= points[name]["threshold"]
+                for name, classes in common.items()}
+
+    labels = predictions["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    result = compare_operating_points(labels, predictions["lesion_id"].to_numpy(), common,
+                                      [flags(r) for r in sides[0]], [flags(r) for r in sides[1]], resamples, seed)
+    for name, row in result.items():
+        row["target_sensitivity"] = first[name]["target_sensitivity"]
+    return result
 
 
 def format_table(result: dict, name_a: str, name_b: str) -> str:
@@ -53,6 +92,15 @@ def format_table(result: dict, name_a: str, name_b: str) -> str:
         interval = f"[{number(r['low'], '+')}, {number(r['high'], '+')}]"
         lines.append(f"{name:<22}{number(r['a']):>8}{number(r['b']):>8}{number(r['difference'], '+'):>9}  "
                      f"{interval:<20}  {r['verdict']}")
+    if result.get("operating_points"):
+        lines.append("operating points: each run at its own threshold for the target sensitivity, chosen on its "
+                     "validation split")
+        for name, op in result["operating_points"].items():
+            for key in ("sensitivity", "specificity"):
+                r = op[key]
+                interval = f"[{number(r['low'], '+')}, {number(r['high'], '+')}]"
+                lines.append(f"{name + ' ' + key[:4] + '.':<26}{number(r['a']):>8}{number(r['b']):>8}"
+                             f"{number(r['difference'], '+'):>9}  {interval:<20}  {r['verdict']}")
     return "\n".join(lines)
 
 
@@ -72,6 +120,7 @@ def run(args: argparse.Namespace) -> None:
     a, b = read_recipe(specs_a, args.repo), read_recipe(specs_b, args.repo)
     check_same_test_set(a[0], b[0], specs_a[0], specs_b[0])
     result = compare(a, b, args.resamples, args.seed)
+    result["operating_points"] = operating_points(specs_a, specs_b, a[0], args.repo, args.resamples, args.seed)
     if args.json:
         print(json.dumps({"a": args.a, "b": args.b, **result}, indent=2))
     else:

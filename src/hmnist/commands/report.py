@@ -203,6 +203,33 @@ def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tupl
     return out
 
 
+def calibration_section(runs: list[RunData]) -> list[str]:
+    """Each run's calibration (test ECE and Brier of its own and its calibrated probabilities)
+    and operating points (test sensitivity and specificity at the threshold chosen on
+    validation), as its metrics.json holds them; n/a for a run from before either."""
+    e = html.escape
+    points = list(dict.fromkeys(name for r in runs for name in (r.metrics.get("operating_points") or {})))
+    out = ['<h2 id="operating-points">Calibration and operating points</h2>',
+           '<p class="note">Test split. ECE and Brier: the model\'s own probabilities, then calibrated (fitted on '
+           "validation). Each operating point flags an image when the calibrated probability of its classes reaches "
+           "the threshold chosen on validation for its target sensitivity; here what that threshold reaches on test, "
+           "with 95% lesion-bootstrap intervals.</p>",
+           '<table class="operating-points"><tr><th>run</th><th>calibration</th><th>ECE</th><th>Brier</th>',
+           *[f"<th>{e(name)}: sensitivity</th><th>{e(name)}: specificity</th>" for name in points], "</tr>"]
+    for r in runs:
+        m, ops = r.metrics, r.metrics.get("operating_points") or {}
+        cells = [m.get("calibration", "n/a"),
+                 *(f"{_number(m.get(f'{k}_uncalibrated'))} &rarr; {_with_interval(m.get(k), m.get(f'{k}_low'), m.get(f'{k}_high'))}"
+                   for k in ("ece", "brier"))]
+        for name in points:
+            op = ops.get(name, {})
+            cells += [_with_interval(op.get(k), op.get(f"{k}_low"), op.get(f"{k}_high")) for k in ("sensitivity", "specificity")]
+        out.append(f'<tr class="operating-point"><td>{e(r.spec)}</td><td>{e(str(cells[0]))}</td>'
+                   + "".join(f'<td class="num">{c}</td>' for c in cells[1:]) + "</tr>")
+    out.append("</table>")
+    return out
+
+
 def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dict], galleries: dict[str, dict],
            rows: list[dict[str, tuple]], per_kind: int) -> str:
     e = html.escape
@@ -222,6 +249,7 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
                    + "".join(f"<td>{e(p)}</td>" for p in params)
                    + "".join(f'<td class="num">{_with_interval(*row[m])}</td>' for m in HEADLINE) + "</tr>")
     out.append("</table>")
+    out += calibration_section(list({r.spec: r for r in all_runs}.values()))
     if comparisons:
         out.append('<h2 id="differences">Paired differences (B - A, as <code>hmnist compare</code>)</h2>')
     for name, result in zip(names[1:], comparisons):
