@@ -3,6 +3,7 @@
     import hmnist
     model = hmnist.load("models/model.pt")        # device="auto" | "cuda" | "cpu"
     frame = model.predict(["new_images/"])         # ISIC 2018 columns: image, MEL, NV, ...
+    result = model.classify(["new_images/"])       # .submission, .calibrated, .decisions (operating points)
 
 Importing the package imports nothing heavy: torch and timm load on the first `load`.
 """
