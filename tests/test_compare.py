@@ -179,3 +179,19 @@ def test_equal_recipes_known_answer():
         single += verdict(one["low"], one["high"]) == "no detectable difference"
     assert 0.90 <= multi / worlds <= 0.995, multi / worlds
     assert single / worlds <= 0.85, single / worlds
+
+
+def test_oof_needs_a_cross_validated_run(tmp_path, runs):
+    """--oof reads predictions/oof.csv; a run trained with cv.folds 1 has only its header."""
+    from hmnist.runs import OOF
+
+    (tmp_path / "predictions").mkdir()
+    frame = pd.read_csv(runs["weak"])
+    frame.iloc[:0].to_csv(tmp_path / OOF, index=False)
+    with pytest.raises(UserError, match="has no out-of-fold predictions: it was trained with cv.folds 1"):
+        read_run("workspace", str(tmp_path), OOF)
+    frame.to_csv(tmp_path / OOF, index=False)
+    assert len(read_run("workspace", str(tmp_path), OOF)) == len(frame)
+    (tmp_path / OOF).unlink()
+    with pytest.raises(UserError, match="has no predictions/oof.csv: its evaluate stage predates"):
+        read_run("workspace", str(tmp_path), OOF)

@@ -107,6 +107,7 @@ def test_three_folds(project, tmp_path, capsys):
         assert metrics["cv"][f"{name}_sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-9), name
     # out of fold: every non-test image predicted by the one model that did not train on it
     oof_truth, oof_predicted = [], []
+    oof_probs = []
     with zipfile.ZipFile(project / "data/raw/skin-cancer-mnist-ham10000.zip") as archive:
         for fold, model in models.items():
             held_out = tmp_path / f"fold{fold}"
@@ -115,9 +116,20 @@ def test_three_folds(project, tmp_path, capsys):
             for image_id in ids:
                 (held_out / f"{image_id}.jpg").write_bytes(archive.read(f"{image_folder(image_id)}/{image_id}.jpg"))
             probs = model.predict(held_out)
+            oof_probs.append(probs)
             oof_predicted += [classes[i] for i in probs[COLUMNS].to_numpy().argmax(1)]
             oof_truth += folds.set_index("image_id").loc[probs["image"], "dx"].tolist()
     assert len(oof_truth) == len(folds)
     assert metrics["cv"]["out_of_fold"]["balanced_accuracy"] == pytest.approx(
         balanced_accuracy_score(oof_truth, oof_predicted), abs=1e-9)
     assert metrics["cv"]["out_of_fold"]["accuracy"] == pytest.approx(accuracy_score(oof_truth, oof_predicted), abs=1e-9)
+
+    # predictions/oof.csv holds those same out-of-fold probabilities, for `hmnist compare --oof`
+    oof = pd.read_csv(project / "predictions/oof.csv")
+    expected = pd.concat(oof_probs).sort_values("image").reset_index(drop=True)
+    assert oof["image"].tolist() == expected["image"].tolist() and len(oof) == len(folds)
+    np.testing.assert_allclose(oof[COLUMNS].to_numpy(), expected[COLUMNS].to_numpy(), atol=1e-5)
+    assert oof["dx"].tolist() == folds.set_index("image_id").loc[oof["image"], "dx"].tolist()
+    capsys.readouterr()
+    cli_main(["compare", "workspace", "workspace", "--oof", "--repo", str(project), "--resamples", "100"])
+    assert f"{len(folds)} out-of-fold images" in capsys.readouterr().out

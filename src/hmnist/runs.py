@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # data.PREDICTIONS and the others, as paths inside a revision (strings, as DVC takes them)
 PREDICTIONS = "predictions/test.csv"
 CALIBRATED = "predictions/test_calibrated.csv"
+OOF = "predictions/oof.csv"  # out-of-fold: every non-test image, predicted by the fold that held it out
 METRICS = "metrics/metrics.json"
 SPLIT = "data/split.csv"
 CHECKPOINT = "models/model.pt"
@@ -125,26 +126,33 @@ def _resolve(rev: str, repo: str) -> str:
                         f"({first_line(e)})") from None
 
 
-def read_run(spec: str, repo: str = ".") -> pd.DataFrame:
-    """A run's test predictions with their truth: image, MEL ... VASC, lesion_id, dx."""
+def read_run(spec: str, repo: str = ".", predictions: str = PREDICTIONS) -> pd.DataFrame:
+    """A run's test predictions (or, with `predictions=OOF`, its out-of-fold ones) with their
+    truth: image, MEL ... VASC, lesion_id, dx."""
     path = Path(spec)
     if spec != WORKSPACE and (spec.lower().endswith(".csv") or path.is_file()):
         if not path.is_file():
             raise UserError(f"{spec}: no such predictions file")
         return checked_predictions(_read_csv(path.read_text(), spec), spec)
-    return run_predictions(Run(spec, repo))
+    return run_predictions(Run(spec, repo), predictions)
 
 
-def run_predictions(run: Run) -> pd.DataFrame:
-    """read_run of a Run: its predictions/test.csv, with the truth from data/split.csv for the
-    predictions of an older evaluate stage (no dx column)."""
+def run_predictions(run: Run, predictions: str = PREDICTIONS) -> pd.DataFrame:
+    """read_run of a Run: its predictions/test.csv (or `predictions`), with the truth from
+    data/split.csv for the predictions of an older evaluate stage (no dx column)."""
     try:
-        frame = _read_csv(run.read(PREDICTIONS), run.spec)
+        frame = _read_csv(run.read(predictions), run.spec)
     except FileNotFoundError as e:
+        if predictions == OOF:
+            raise UserError(f"{run.spec} has no {OOF}: its evaluate stage predates out-of-fold predictions "
+                            "(re-run it with `dvc repro evaluate`)") from None
         if run.commit is None:
-            raise UserError(f"the workspace has no {PREDICTIONS}: {pull_hint(WORKSPACE)}") from None
-        raise UserError(f"{run.spec} has no {PREDICTIONS} (or its cached copy is missing; {pull_hint(run.spec)}): "
+            raise UserError(f"the workspace has no {predictions}: {pull_hint(WORKSPACE)}") from None
+        raise UserError(f"{run.spec} has no {predictions} (or its cached copy is missing; {pull_hint(run.spec)}): "
                         f"{first_line(e)}") from None
+    if predictions == OOF and frame.empty:
+        raise UserError(f"{run.spec} has no out-of-fold predictions: it was trained with cv.folds 1 "
+                        "(set cv.folds to 2 or more, e.g. `dvc exp run -S cv.folds=5`)")
     if "dx" not in frame.columns:
         try:
             frame = _with_truth(frame, _read_csv(run.read(SPLIT), f"{SPLIT} of {run.spec}"), run.spec)
@@ -217,9 +225,10 @@ def check_same_test_set(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: s
                             "they come from different metadata")
 
 
-def read_recipe(specs: list[str], repo: str = ".") -> list[pd.DataFrame]:
-    """The predictions of one recipe's runs (one or several training seeds), on one test set."""
-    frames = [read_run(spec, repo) for spec in specs]
+def read_recipe(specs: list[str], repo: str = ".", predictions: str = PREDICTIONS) -> list[pd.DataFrame]:
+    """The predictions of one recipe's runs (one or several training seeds), on one test set
+    (or on the out-of-fold images, `predictions=OOF`)."""
+    frames = [read_run(spec, repo, predictions) for spec in specs]
     for spec, frame in zip(specs[1:], frames[1:]):
         check_same_test_set(frames[0], frame, specs[0], spec)
     return frames

@@ -36,6 +36,9 @@ from hmnist.metrics import (CALIBRATION_METRICS, INTERVAL_METRICS, bootstrap_int
 from hmnist.models import load_checkpoint
 
 CALIBRATED_PREDICTIONS = PREDICTIONS.with_name("test_calibrated.csv")
+# every non-test image predicted by the fold that held it out (cv.folds >= 2; header only
+# otherwise): ~5,000 images where the test split has ~900, for `hmnist compare --oof`
+OOF_PREDICTIONS = PREDICTIONS.with_name("oof.csv")
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -215,9 +218,11 @@ def main() -> None:
             val = split_rows(index, fold_split(split, folds, fold), "val")
             (oof_probs[val], oof_calibrated[val]), held_out[val] = predict(checkpoint, val), True
         fold_metrics = [report_metrics(labels[rows], p, c, lesions[rows], 0, 0) for p, c in fold_outputs]
+        oof_rows = np.flatnonzero(held_out)
         metrics["cv"] = cv_summary(fold_metrics, report_metrics(labels[held_out], oof_probs[held_out],
                                                                 oof_calibrated[held_out], None, 0, 0))
-
+    else:
+        oof_rows, oof_probs = rows[:0], np.zeros((len(index), len(CLASSES)))
     write_whole(METRICS, lambda partial: partial.write_text(json.dumps(metrics, indent=2) + "\n"))
     write_csv(pd.DataFrame({"actual": [CLASSES[i] for i in labels[rows]],
                             "predicted": [CLASSES[i] for i in probs.argmax(1)]}), PLOTS / "confusion.csv")
@@ -229,10 +234,10 @@ def main() -> None:
     title = first["model_name"] + (f", {len(checkpoints)}-fold ensemble" if len(checkpoints) > 1 else "")
     plot_pngs(labels[rows], probs, calibrated, points, metrics, title, PLOTS)
     # the submission's columns, then what `hmnist compare` needs to compare two runs on their own
-    image_ids = index["image_id"].iloc[rows].tolist()
-    truth = index.iloc[rows].set_index("image_id")
-    for path, p in ((PREDICTIONS, probs), (CALIBRATED_PREDICTIONS, calibrated)):
-        frame = submission_frame(image_ids, p)
+    for path, where, p in ((PREDICTIONS, rows, probs), (CALIBRATED_PREDICTIONS, rows, calibrated),
+                           (OOF_PREDICTIONS, oof_rows, oof_probs[oof_rows])):
+        truth = index.iloc[where].set_index("image_id")
+        frame = submission_frame(truth.index.tolist(), p)
         frame["lesion_id"] = truth.loc[frame["image"], "lesion_id"].to_numpy()
         frame["dx"] = truth.loc[frame["image"], "dx"].to_numpy()
         write_csv(frame, path)
