@@ -51,6 +51,7 @@ def test_params_are_frozen():
     (lambda p: p["train"].update(mixup_prob=2), "train.mixup_prob must be between 0 and 1"),
     (lambda p: p["train"].update(ema_decay=1.0), "train.ema_decay must be in [0, 1)"),
     (lambda p: p["train"].update(clip_mode="max"), "train.clip_mode must be one of norm, value, agc"),
+    (lambda p: p["train"].update(schedule="linear"), "train.schedule must be one of cosine, onecycle"),
     (lambda p: p["train"].update(select="first"), "train.select must be one of last, best, smoothed"),
     (lambda p: p["models"]["deit"].update(epochs=0), "models.deit.epochs must be at least 1"),
     (lambda p: p["models"]["deit"].update(lr=0), "models.deit.lr must be positive"),

@@ -12,7 +12,8 @@ from conftest import TINY_ARCH, LimitedGpu, prepared_split, tiny_params
 from hmnist.config import CLASSES, ModelConfig, parse_params
 from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
 from hmnist.data import load_prepared, split_rows
-from hmnist.engine import SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda
+from hmnist.engine import (SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda,
+                           make_scheduler, param_groups)
 from hmnist.errors import UserError
 from hmnist.models import create_model
 from hmnist.stages.prepare import prepare
@@ -238,6 +239,33 @@ def test_lr_schedule_warms_up_then_decays():
     values = [f(s) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:])) and values[-1] < 0.01
+
+
+def test_onecycle_schedule_is_pytorchs_with_beta1_cycled():
+    """train.schedule: onecycle steps the learning rate and Adam's beta1 as OneCycleLR does for
+    the plain fine-tuning loop: up from the peak / 25 over the warmup share, down to the peak / 25e4."""
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(param_groups(model, 2e-3, 0.01), lr=2e-3)
+    scheduler = make_scheduler(optimizer, "onecycle", 10, 100)
+    lrs, betas = [], []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        betas.append(optimizer.param_groups[0]["betas"][0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(2e-3 / 25) and max(lrs) == pytest.approx(2e-3) and lrs.index(max(lrs)) == 9
+    assert lrs[-1] < 2e-5 and betas[0] == pytest.approx(0.95) and betas[9] == pytest.approx(0.85)
+    cosine = make_scheduler(torch.optim.AdamW(model.parameters(), lr=1.0), "cosine", 10, 100)
+    assert isinstance(cosine, torch.optim.lr_scheduler.LambdaLR)
+
+
+def test_decay_all_puts_weight_decay_on_biases_and_norms():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    decays = {g["weight_decay"] for g in param_groups(model, 1e-3, 0.05)}
+    assert decays == {0.0, 0.05}  # timm's groups: none on the bias and the norm
+    groups = param_groups(model, 1e-3, 0.05, decay_all=True)
+    assert {g["weight_decay"] for g in groups} == {0.05}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_weighted_sampler_batches_cover_epoch():

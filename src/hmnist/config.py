@@ -30,6 +30,7 @@ BALANCE = ("loss", "sample_loss", "sampler", "none")
 TTA = ("none", "hflip", "flips", "dihedral")
 # the probability calibration fitted on the validation split at the end of training (train.calibration)
 CALIBRATION = ("none", "temperature", "temperature_bias", "auto")
+SCHEDULES = ("cosine", "onecycle")
 CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)
 SELECT = ("last", "best", "smoothed")  # which epoch's weights the train stage keeps (train.select)
 
@@ -121,6 +122,14 @@ class TrainConfig:
     # images that chases noise and flatters itself) or smoothed (highest mean over the epoch and
     # its two neighbours). With EMA on, each epoch's better of raw and EMA weights is the candidate
     select: str = "last"
+    # the learning-rate schedule: cosine (linear warmup over warmup_epochs, then cosine decay to
+    # zero) or onecycle (PyTorch's OneCycleLR: cosine warmup from peak/25 over the same share of
+    # the steps, cosine decay to peak/25e4, and Adam's beta1 cycled 0.95 -> 0.85 -> 0.95, as the
+    # plain fine-tuning loop runs it)
+    schedule: str = "cosine"
+    # weight decay on every tensor (true, as AdamW(model.parameters()) in a plain loop), or only
+    # on weight matrices and convolutions (false: timm's groups, none on biases and norms)
+    decay_all: bool = False
     clip_grad: float = 0.1  # gradient clipping threshold, 0 = off
     clip_mode: str = "value"  # norm (total gradient norm), value (each element), agc (adaptive, per unit)
     compile: bool = False  # torch.compile the model (see BENCHMARKS.md for when it pays off)
@@ -282,6 +291,7 @@ def _validate(p: Params) -> None:
     need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
     need(t.select in SELECT, f"train.select must be one of {', '.join(SELECT)}, got {t.select!r}")
     need(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {t.clip_grad}")
+    need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
     need(t.clip_mode in CLIP_MODES, f"train.clip_mode must be one of {', '.join(CLIP_MODES)}, got {t.clip_mode!r}")
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be at least 1, got {p.evaluate.batch_size}")
     need(p.evaluate.bootstrap == 0 or p.evaluate.bootstrap >= 100,

@@ -174,12 +174,13 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return factor
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float | None = None
-                 ) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float | None = None,
+                 decay_all: bool = False) -> list[dict[str, Any]]:
     """AdamW groups as timm makes them: no weight decay on biases, norms and whatever the model
     names in `no_weight_decay()` (DeiT's position embedding and class token, Swin's relative
     position bias tables); with `layer_decay`, each layer's learning rate is `lr` times
-    layer_decay ** (layers above it), for models that say which layer a parameter is in."""
+    layer_decay ** (layers above it), for models that say which layer a parameter is in.
+    `decay_all`: the same groups, each with `weight_decay` (train.decay_all)."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
@@ -189,7 +190,20 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
         groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
     for group in groups:
         group["lr"] = lr * group.pop("lr_scale", 1.0)  # the schedule scales each group's own peak
+        if decay_all:
+            group["weight_decay"] = weight_decay
     return groups
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """train.schedule: `cosine` (lr_lambda), or `onecycle`: PyTorch's OneCycleLR with its
+    defaults (the plain fine-tuning loop's), warming up over the same share of the steps."""
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, [group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
+            pct_start=min(max(warmup_steps, 1) / total_steps, 0.99))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
 
 
 def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: nn.Module,

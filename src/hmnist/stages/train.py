@@ -33,7 +33,7 @@ from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, Params, load_params
 from hmnist.data import PREPARED, fold_paths, fold_split, load_folds, load_prepared, load_split, split_rows
 from hmnist.engine import (BatchSize, SmoothedCrossEntropy, backward_batch, class_weights, deterministic,
-                           epoch_batches, lr_lambda, param_groups, predict_probs, resolve_device, rng_state,
+                           epoch_batches, make_scheduler, param_groups, predict_probs, resolve_device, rng_state,
                            set_rng_state, to_device)
 from hmnist.errors import UserError, cli
 from hmnist.metrics import summary_metrics
@@ -115,7 +115,7 @@ class Run:
     model: nn.Module
     step_model: nn.Module  # the model as the train step calls it: wrapped by DDP, compiled when set
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: ModelEmaV3 | None
     norm: dict[str, Any]  # the model's input mean and std, for the checkpoint
     history: History = field(default_factory=History)
@@ -186,10 +186,10 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
 
     batch_size = shared_batch_size(params, len(train_rows), ranks.world)
     steps_per_epoch = max(1, len(train_rows) // batch_size)
-    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay),
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay, tc.decay_all),
                                   lr=config.lr, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(round(warmup_epochs(params) * steps_per_epoch), config.epochs * steps_per_epoch))
+    scheduler = make_scheduler(optimizer, tc.schedule, round(warmup_epochs(params) * steps_per_epoch),
+                               config.epochs * steps_per_epoch)
     step_model = distributed.data_parallel(model, device, ranks)
     step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
