@@ -257,7 +257,7 @@ def notebook_train(x_train, y_train, weights, seed: int, epochs: int):
 
 
 def peer_finetune(seed: int, size: int, epochs: int, archive: Path, data: Path, peer: Path, lr: float,
-                  out: Path) -> dict:
+                  out: Path, reuse: bool = True) -> dict:
     """The plain fine-tuning loop `peer` (plain_finetune.py) run as its header says, on the same
     archive and split; its test predictions scored with the evaluate stage's definitions."""
     import numpy as np
@@ -269,7 +269,7 @@ def peer_finetune(seed: int, size: int, epochs: int, archive: Path, data: Path, 
         raise SystemExit(f"the plain fine-tuning loop {peer} is not there: give its path with --peer")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    if (out / "test_predictions.csv").is_file() and "img/s" in (log.read_text() if log.is_file() else ""):
+    if reuse and (out / "test_predictions.csv").is_file() and "img/s" in (log.read_text() if log.is_file() else ""):
         # a run of the script made by hand (its stdout saved as log.txt), scored here: the script
         # is deterministic per seed on a CPU, so running it again would only cost 10 minutes
         stdout, seconds = log.read_text(), None
@@ -330,7 +330,7 @@ def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Pa
     size = first["prepare"]["size"]
     if model == "lite0":  # the plain loop's own figure: its training loop alone, as it prints it
         loop = lambda r: peer_finetune(r, size, epochs, archive, data, peer, peer_lr,  # noqa: E731
-                                       data.parent / "peer-speed")["train_images_per_second"]
+                                       data.parent / "peer-speed", reuse=False)["train_images_per_second"]
     else:
         x_train, y_train, _, _, weights = notebook_data(size, archive, data)
         loop = lambda r: notebook_train(x_train, y_train, weights, r, epochs)[2]  # noqa: E731
