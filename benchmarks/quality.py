@@ -284,6 +284,10 @@ def peer_finetune(seed: int, size: int, epochs: int, archive: Path, data: Path, 
         stdout, seconds = result.stdout, time.perf_counter() - started
     speed = float(stdout.rsplit("training ", 1)[1].split(" img/s")[0])
     frame = pd.read_csv(out / "test_predictions.csv")
+    # with each image's lesion, as predictions/test.csv has it: `hmnist compare` then resamples
+    # lesions, not images (a lesion's images go right or wrong together)
+    lesions = pd.read_csv(data / "split.csv").set_index("image_id")["lesion_id"]
+    frame.assign(lesion_id=lesions.loc[frame["image"]].to_numpy()).to_csv(out / "predictions.csv", index=False)
     probs = frame[[c.upper() for c in CLASSES]].to_numpy(np.float64)
     labels = frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     metrics = compute_metrics(labels, probs)
