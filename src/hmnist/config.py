@@ -33,6 +33,13 @@ CALIBRATION = ("none", "temperature", "temperature_bias", "auto")
 SCHEDULES = ("cosine", "onecycle")
 CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad: total norm, each value, adaptive (per unit)
 SELECT = ("last", "best", "smoothed")  # which epoch's weights the train stage keeps (train.select)
+# patient metadata a model may read beside the image (models.<name>.metadata; fusion.py): HAM10000's
+# age, sex and the lesion's body site
+METADATA_FIELDS = ("age", "sex", "localization")
+# columns of HAM10000_metadata.csv (and the prepared index) that must never reach a model: dx is the
+# label; dx_type (how the diagnosis was confirmed: follow-up is almost only nevi) is a proxy for it;
+# lesion_id and image_id are identifiers a model could memorise
+LEAKAGE_FIELDS = ("dx", "dx_type", "lesion_id", "image_id", "label")
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,13 @@ class ModelConfig:
     # test-time augmentation this model is calibrated, evaluated and predicted with (stored in its
     # checkpoint; the epoch's validation stays one view): none, hflip (2 views), flips (4), dihedral (8)
     tta: str = "none"
+    # patient metadata fused with the image (fusion.py): any of age, sex, localization; [] = the
+    # image alone. Per model, like tta: it changes the network (a metadata branch and a wider
+    # classifier) and what its checkpoint needs at prediction time. Off until measured (BENCHMARKS.md)
+    metadata: list[str] = field(default_factory=list)
+    # training replaces each metadata field of each image by "missing" with this probability, so the
+    # model still works, degraded, when a field (or all) is unknown at prediction time
+    metadata_dropout: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,10 @@ class EvaluateConfig:
     # to settle; the whole bootstrap is vectorised, so 2,000 cost little (BENCHMARKS.md)
     bootstrap: int = 2000
     bootstrap_seed: int = 0  # same predictions, same intervals
+    # metadata fields a metadata model is evaluated without (read as missing, as for an image
+    # without them): measures how it degrades; [] = every field it was trained with. No effect on
+    # image-only models
+    remove_metadata: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -273,6 +291,11 @@ def _validate(p: Params) -> None:
         need(m.warmup_epochs is None or m.warmup_epochs >= 0,
              f"{where}.warmup_epochs must be >= 0 or null (train.warmup_epochs), got {m.warmup_epochs}")
         need(m.tta in TTA, f"{where}.tta must be one of {', '.join(TTA)}, got {m.tta!r}")
+        _check_fields(m.metadata, f"{where}.metadata")
+        need(0 <= m.metadata_dropout < 1, f"{where}.metadata_dropout must be in [0, 1), got {m.metadata_dropout}")
+        # the fused model has no timm layer grouping (yet): layer decay would be silently ignored
+        need(not m.metadata or m.layer_decay == 1,
+             f"{where}.layer_decay must be 1 (off) with metadata: the fused model has no layer grouping")
     t = p.train
     need(t.device in DEVICES or re.fullmatch(r"cuda:\d+", t.device) is not None,
          f"train.device must be one of {', '.join(DEVICES)} or cuda:K, got {t.device!r}")
@@ -293,6 +316,11 @@ def _validate(p: Params) -> None:
     need(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {t.clip_grad}")
     need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
     need(t.clip_mode in CLIP_MODES, f"train.clip_mode must be one of {', '.join(CLIP_MODES)}, got {t.clip_mode!r}")
+    # timm's Mixup/CutMix mix images only: the metadata of the two images mixed would not follow
+    need(not p.model_config.metadata or (t.mixup == 0 and t.cutmix == 0),
+         f"models.{p.model}.metadata cannot be used with train.mixup or train.cutmix (they mix the images, "
+         f"not the metadata): set both to 0, or metadata to []")
+    _check_fields(p.evaluate.remove_metadata, "evaluate.remove_metadata")
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be at least 1, got {p.evaluate.batch_size}")
     need(p.evaluate.bootstrap == 0 or p.evaluate.bootstrap >= 100,
          f"evaluate.bootstrap must be 0 (no intervals) or at least 100 resamples, got {p.evaluate.bootstrap}")
@@ -316,6 +344,17 @@ def _validate(p: Params) -> None:
              f"{where}.classes must be distinct classes of {', '.join(CLASSES)}, got {op.classes!r}")
         need(len(op.classes) < len(CLASSES), f"{where}.classes cannot be every class: every image would be flagged")
         need(0 < op.sensitivity < 1, f"{where}.sensitivity must be between 0 and 1 (exclusive), got {op.sensitivity}")
+
+def _check_fields(fields: list[str], where: str) -> None:
+    for name in fields:
+        if name in LEAKAGE_FIELDS:
+            raise UserError(f"{where} lists {name!r}, which must never reach a model: it is the label, a proxy "
+                            f"for it or an identifier (allowed: {', '.join(METADATA_FIELDS)})")
+        if name not in METADATA_FIELDS:
+            raise UserError(f"{where} lists unknown field {name!r} (allowed: {', '.join(METADATA_FIELDS)})")
+    if len(set(fields)) != len(fields):
+        raise UserError(f"{where} lists a field twice: {fields!r}")
+
 
 def parse_params(data: Any, source: str = PARAMS_FILE) -> Params:
     try:

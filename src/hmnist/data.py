@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 # download -> prepare
 ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
 # prepare -> split, train, evaluate: images.npy is N x size x size x 3 uint8 RGB, index.csv's
-# row i (image_id, lesion_id, dx, label) describes images[i], sorted by image_id
+# row i (image_id, lesion_id, dx, label, then the patient metadata age, sex, localization)
+# describes images[i], sorted by image_id
 PREPARED = Path("data/prepared")
 IMAGES_FILE, INDEX_FILE = "images.npy", "index.csv"
 # split -> train, evaluate

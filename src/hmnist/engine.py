@@ -233,7 +233,8 @@ def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: n
         if mix is not None:
             x, y = mix(x, y)
         with autocast(device):  # the forward pass only; the loss is taken in fp32
-            logits = model(x)
+            # a metadata model's inputs are (images, metadata) (fusion.py; never mixed: config refuses it)
+            logits = model(*x) if isinstance(x, tuple) else model(x)
         loss = criterion(logits.float(), y).sum() / total_weight
         (loss * ranks).backward()
         total += loss.detach()  # stays on the device: a .item() here would stall the GPU every step
@@ -316,9 +317,10 @@ class BatchSize:
 @torch.no_grad()
 def predict_probs(
     model: nn.Module, images: torch.Tensor, model_input: ModelInput, batch_size: int | BatchSize,
-    device: torch.device, progress: bool = False, tta: str = "none",
+    device: torch.device, progress: bool = False, tta: str = "none", metadata: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities for uint8 NHWC `images` (on any device), in fp32.
+    """Softmax probabilities for uint8 NHWC `images` (on any device), in fp32; a metadata model
+    (fusion.py) also takes each image's encoded `metadata` row, the same for every TTA view.
 
     If the GPU runs out of memory, the batch is halved until it fits; a batch of one image that
     still does not fit is a UserError. The result does not depend on the batch size.
@@ -332,8 +334,9 @@ def predict_probs(
         while start < len(images):
             try:
                 x = model_input(images[start:start + limit.size].to(device, non_blocking=True))
+                extra = () if metadata is None else (metadata[start:start + len(x)].to(device),)
                 with autocast(device):
-                    logits = [model(view).float() for view in tta_views(x, tta)]
+                    logits = [model(view, *extra).float() for view in tta_views(x, tta)]
                 probs = torch.stack([l.softmax(dim=1) for l in logits]).mean(0).cpu()
             except torch.OutOfMemoryError:
                 x = logits = None  # noqa: F841  free what the failed batch holds before retrying

@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from hmnist import fusion
 from hmnist.config import CLASSES, ModelConfig, user_path
 from hmnist.errors import UserError, first_line
 
@@ -385,9 +386,10 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "the checkpo
     try:
         config = ModelConfig(**checkpoint["model_config"])
         classes = len(checkpoint["classes"])
-    except (KeyError, TypeError) as e:
+        encoding = fusion.checkpoint_encoding(checkpoint)  # None: an image-only model
+    except (KeyError, TypeError, ValueError) as e:
         raise damaged_checkpoint(source, e) from None
-    model = create_model(config, num_classes=classes, pretrained=False)
+    model = fusion.fuse(create_model(config, num_classes=classes, pretrained=False), encoding, classes)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing keys, mismatched shapes

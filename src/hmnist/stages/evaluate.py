@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, roc_curve
 
-from hmnist import calibration
+from hmnist import calibration, fusion
 from hmnist.config import CLASSES, load_params
 from hmnist.data import (METRICS, PLOTS, PREDICTIONS, PREPARED, fold_paths, fold_split, load_folds, load_prepared,
                          load_split, split_rows, write_whole)
@@ -121,16 +121,30 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, poi
 
 
 def evaluate(checkpoint: dict[str, Any], images: np.ndarray, batch_size: int, device_name: str = "auto",
-             tta: str | None = None) -> np.ndarray:
+             tta: str | None = None, metadata: pd.DataFrame | None = None, remove: list[str] = ()) -> np.ndarray:
     """Test-set probabilities (uncalibrated), preprocessed exactly as the checkpoint says, with
-    its test-time augmentation unless `tta` names another."""
+    its test-time augmentation unless `tta` names another. A metadata model reads the images'
+    rows of `metadata` (the prepared index's), encoded as in training, the fields in `remove`
+    (evaluate.remove_metadata) read as missing; `metadata` None: every field missing."""
     if int(images.shape[1]) != checkpoint["prepare_size"]:
         raise UserError(f"the prepared cache is {images.shape[1]}px but the model was trained on "
                         f"{checkpoint['prepare_size']}px: run `dvc repro`")
     device = resolve_device(device_name)
     model, model_input = inference_model(checkpoint, device)
     tta = checkpoint.get("tta", "none") if tta is None else tta  # a checkpoint from before per-model TTA: none
-    return predict_probs(model, to_device(images, device), model_input, batch_size, device, progress=True, tta=tta)
+    encoded = fusion.encoded_for(checkpoint, metadata, len(images), remove)
+    return predict_probs(model, to_device(images, device), model_input, batch_size, device, progress=True, tta=tta,
+                         metadata=encoded)
+
+
+def metadata_keys(checkpoint: dict[str, Any], removed: list[str]) -> dict[str, str]:
+    """A metadata model's fields, and those evaluate.remove_metadata took away (none for an
+    image-only model: metrics.json stays as it was)."""
+    encoding = fusion.checkpoint_encoding(checkpoint)
+    if encoding is None:
+        return {}
+    gone = [f for f in encoding.fields if f in removed]
+    return {"metadata": ",".join(encoding.fields), "metadata_removed": ",".join(gone) or "none"}
 
 
 def report_metrics(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, lesion_ids: np.ndarray | None,
@@ -194,7 +208,8 @@ def main() -> None:
 
     def predict(checkpoint: dict[str, Any], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A checkpoint's probabilities for `rows`, and their calibration by the checkpoint's own."""
-        probs = evaluate(checkpoint, images[rows], ev.batch_size, params.train.device)
+        probs = evaluate(checkpoint, images[rows], ev.batch_size, params.train.device,
+                         metadata=index.iloc[rows], remove=ev.remove_metadata)
         return probs, calibration.apply(probs, checkpoint.get("calibration"))
 
     fold_outputs = [predict(checkpoint, rows) for checkpoint in checkpoints]
@@ -206,6 +221,7 @@ def main() -> None:
     first = checkpoints[0]
     metrics = {"model": first["model_name"], "arch": first["arch"], "tta": first.get("tta", "none"),
                "calibration": (first.get("calibration") or {}).get("method", "none"),
+               **metadata_keys(first, ev.remove_metadata),
                **report_metrics(labels[rows], probs, calibrated, lesions[rows], ev.bootstrap, ev.bootstrap_seed),
                "operating_points": test_operating_points(labels[rows], calibrated, points, lesions[rows],
                                                          ev.bootstrap, ev.bootstrap_seed)}
@@ -246,6 +262,8 @@ def main() -> None:
         low, high = metrics.get(f"{name}_low"), metrics.get(f"{name}_high")
         return f" [{low:.4f}, {high:.4f}]" if low is not None else ""
 
+    if "metadata" in metrics:
+        title += f" with metadata ({metrics['metadata']}; removed: {metrics['metadata_removed']})"
     print(f"{title} on {len(rows)} test images: balanced accuracy {metrics['balanced_accuracy']:.4f}"
           f"{interval('balanced_accuracy')}, accuracy {metrics['accuracy']:.4f}{interval('accuracy')}, "
           f"macro AUC {metrics['macro_auc'] or math.nan:.4f}, melanoma sensitivity "

@@ -4,7 +4,9 @@
 
 Reads data/raw/skin-cancer-mnist-ham10000.zip in place (no unpacking) and writes
 data/prepared/images.npy, an N x size x size x 3 uint8 RGB array, and data/prepared/index.csv
-(image_id, lesion_id, dx, label), whose row i describes images[i], sorted by image_id. Training
+(image_id, lesion_id, dx, label, age, sex, localization), whose row i describes images[i], sorted
+by image_id; the patient metadata is copied as the archive has it (empty where it has none), for
+the models that read it (fusion.py; dx_type is never copied). Training
 and evaluation read only these: no JPEG is decoded twice. Each image goes through
 `data.decode_image`, which `predict` uses too, so its pixels match the ones the model was
 evaluated on.
@@ -28,12 +30,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from hmnist.config import CLASSES, load_params
+from hmnist.config import CLASSES, METADATA_FIELDS, load_params
 from hmnist.data import ARCHIVE, IMAGES_FILE, INDEX_FILE, PREPARED, decode_image
 from hmnist.errors import UserError, cli
 
 METADATA = "HAM10000_metadata.csv"
-COLUMNS = ("image_id", "lesion_id", "dx")  # the metadata columns this stage reads
+COLUMNS = ("image_id", "lesion_id", "dx")  # the metadata columns this stage needs
+# and those it copies when present (empty when the file has none: only a metadata model needs them)
+PATIENT_COLUMNS = METADATA_FIELDS
 # The Kaggle zip holds every image twice: in these folders and in lower-case copies of them.
 # The upper-case ones are the dataset's own names, so they win; the copies are a fallback.
 IMAGE_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
@@ -44,7 +48,7 @@ CHUNK = 16
 
 
 def read_metadata(archive: zipfile.ZipFile) -> list[dict]:
-    """The metadata rows (image_id, lesion_id, dx, label), sorted by image_id, checked."""
+    """The metadata rows (image_id, lesion_id, dx, label, age, sex, localization), sorted by image_id, checked."""
     name = _find_metadata(archive)
     try:
         text = archive.read(name).decode("utf-8-sig")
@@ -55,7 +59,7 @@ def read_metadata(archive: zipfile.ZipFile) -> list[dict]:
             has = ", ".join(header) if header else "nothing: the file is empty"
             raise UserError(f"{METADATA} lacks column(s) {', '.join(missing)}: it needs "
                             f"{', '.join(COLUMNS)} (has {has})")
-        rows = [{c: (row[c] or "").strip() for c in COLUMNS} for row in reader]
+        rows = [{c: (row.get(c) or "").strip() for c in (*COLUMNS, *PATIENT_COLUMNS)} for row in reader]
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{METADATA} is not a readable CSV file: {e}") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
@@ -127,7 +131,7 @@ def prepare(archive_path: str | Path, out_dir: str | Path, size: int = 224, work
         _decode_all(tasks, len(rows), archive_path, images_tmp, offset, size, workers, progress)
         try:
             with open(index_tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "label"], lineterminator="\n")
+                writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "label", *PATIENT_COLUMNS], lineterminator="\n")
                 writer.writeheader()
                 writer.writerows(rows)
         except OSError as e:

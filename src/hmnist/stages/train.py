@@ -28,7 +28,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
-from hmnist import calibration, distributed
+from hmnist import calibration, distributed, fusion
 from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, Params, load_params
 from hmnist.data import PREPARED, fold_paths, fold_split, load_folds, load_prepared, load_split, split_rows
@@ -58,8 +58,8 @@ def smoothed(scores: list[float], j: int) -> float:
     return sum(window) / len(window)
 
 
-def evaluate_split(model, images, labels, model_input, batch_size, device) -> dict[str, float]:
-    return summary_metrics(labels, predict_probs(model, images, model_input, batch_size, device))
+def evaluate_split(model, images, labels, model_input, batch_size, device, metadata=None) -> dict[str, float]:
+    return summary_metrics(labels, predict_probs(model, images, model_input, batch_size, device, metadata=metadata))
 
 
 def warmup_epochs(params: Params) -> float:
@@ -124,6 +124,11 @@ class Run:
     pending_state: dict[str, torch.Tensor] | None = None
     start_epoch: int = 0
     accum: int = 1  # micro-batches per batch: doubles when the GPU runs out of memory
+    # a metadata model's (models.<name>.metadata) encoding, fitted on the train split, and the
+    # train and val splits' encoded rows on the device; None for an image-only model
+    encoding: fusion.Encoding | None = None
+    train_metadata: torch.Tensor | None = None
+    val_metadata: torch.Tensor | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -171,7 +176,10 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     train_images, val_images = to_device(images[train_rows], device), to_device(images[val_rows], device)
     train_labels = torch.from_numpy(labels[train_rows]).to(device)
 
-    model = create_model(config).to(device).to(memory_format=memory_format(device, config.arch))
+    encoding = (fusion.Encoding.fit(index.iloc[train_rows], config.metadata, config.metadata_dropout)
+                if config.metadata else None)
+    model = fusion.fuse(create_model(config), encoding, len(CLASSES))
+    model = model.to(device).to(memory_format=memory_format(device, config.arch))
     norm = data_config(model)
     model_input = ModelInput(config.resize, norm["mean"], norm["std"], device, config.arch)
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1)
@@ -201,7 +209,15 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
                # inference keeps no activations for backward: twice the training batch fits where
                # it does (and predict_probs halves it if not), and the batch size does not change the result
                val_batch_size=BatchSize(2 * config.batch_size), steps_per_epoch=steps_per_epoch,
-               model=model, step_model=step_model, optimizer=optimizer, scheduler=scheduler, ema=ema, norm=norm)
+               model=model, step_model=step_model, optimizer=optimizer, scheduler=scheduler, ema=ema, norm=norm,
+               encoding=encoding, **_encoded(encoding, index, {"train_metadata": train_rows, "val_metadata": val_rows},
+                                             device))
+
+
+def _encoded(encoding: fusion.Encoding | None, index: pd.DataFrame, rows: dict[str, np.ndarray],
+             device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {name: None if encoding is None else torch.from_numpy(encoding.encode(index.iloc[r])).to(device)
+            for name, r in rows.items()}
 
 
 def _resume(run: Run, resume_path: Path | None, live: Any) -> None:
@@ -251,9 +267,13 @@ def _train_step(run: Run, batch: torch.Tensor) -> torch.Tensor:
     # number of processes (and micro-batches)
     draws = run.augment.draw(len(batch)) if run.augment is not None else None
     labels = run.train_labels[batch]
+    # a metadata model's rows, whole fields dropped at random: drawn for the whole batch, as the augmentation
+    metadata = None if run.encoding is None else fusion.drop_fields(
+        run.train_metadata[batch], run.encoding, config.metadata_dropout, run.generator)
 
-    def inputs(at: torch.Tensor) -> torch.Tensor:  # positions in the batch
-        return run.model_input(run.train_images[batch[at]], run.augment, None if draws is None else draws[at])
+    def inputs(at: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # positions in the batch
+        x = run.model_input(run.train_images[batch[at]], run.augment, None if draws is None else draws[at])
+        return x if metadata is None else (x, metadata[at])
 
     positions = torch.arange(len(batch), device=batch.device)
     while True:
@@ -293,7 +313,7 @@ def _validate(run: Run) -> dict[str, dict[str, float]]:
     """Each candidate's validation metrics: rank 0 computes them, and every rank receives them,
     so that every rank keeps the same epoch and weights."""
     vals = {name: evaluate_split(model, run.val_images, run.val_labels, run.model_input, run.val_batch_size,
-                                 run.device)
+                                 run.device, run.val_metadata)
             for name, model in _candidates(run).items()} if run.ranks.main else None
     return distributed.from_main(vals)
 
@@ -357,7 +377,7 @@ def calibrate(run: Run) -> dict[str, Any]:
     probabilities (averaged over the model's TTA views, as evaluate and predict will see them)."""
     tc = run.params.train
     probs = predict_probs(run.model, run.val_images, run.model_input, run.val_batch_size, run.device,
-                          tta=run.config.tta)
+                          tta=run.config.tta, metadata=run.val_metadata)
     fitted, held_out = calibration.choose(probs, run.val_labels, run.val_lesions, tc.calibration)
     calibrated = calibration.apply(probs, fitted)
     return {"tta": run.config.tta, "calibration": fitted,
@@ -399,6 +419,8 @@ def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Modul
         "train_images_per_second": float(np.median([r["train_images_per_second"] for r in history.epochs])),
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
         **fitted,
+        # a metadata model's field encoding (absent for an image-only model: readers take that as one)
+        **({"metadata": run.encoding.to_checkpoint()} if run.encoding is not None else {}),
     }
     return run.model.eval(), meta
 
