@@ -32,18 +32,23 @@ import torch.nn as nn
 from PIL import Image
 
 from hmnist.augment import ModelInput
+from hmnist.fusion import FusedModel
 
 
 class _Tapped(nn.Module):
     """The model with an identity layer between its features and its head: the hook point
-    Grad-CAM needs for "the feature map the head pools", which timm models do not name alike."""
+    Grad-CAM needs for "the feature map the head pools", which timm models do not name alike.
+    A metadata model's head also reads the batch's encoded metadata rows (`metadata`, set per
+    batch), held fixed: the map explains the image part of its decision."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model, self.features = model, nn.Identity()
+        self.metadata: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.features(self.model.forward_features(x)))
+        extra = () if self.metadata is None else (self.metadata,)
+        return self.model.forward_head(self.features(self.model.forward_features(x)), *extra)
 
 
 def _is_token_model(model: nn.Module) -> bool:
@@ -53,7 +58,7 @@ def _is_token_model(model: nn.Module) -> bool:
 
 def target_layer(wrapped: _Tapped) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The layer whose activations are weighted, and the reshape to NCHW the package needs."""
-    model = wrapped.model
+    model = wrapped.model.backbone if isinstance(wrapped.model, FusedModel) else wrapped.model  # its image network
     if _is_token_model(model):
         prefix = int(model.num_prefix_tokens)
         grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
@@ -70,11 +75,12 @@ def target_layer(wrapped: _Tapped) -> tuple[nn.Module, Callable[[torch.Tensor], 
 
 
 def class_maps(model: nn.Module, model_input: ModelInput, images: torch.Tensor, classes: np.ndarray,
-               batch_size: int = 32) -> np.ndarray:
+               batch_size: int = 32, metadata: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM maps (N x H x W, each scaled to 0..1; all 0 where no position favours the class)
     of uint8 NHWC `images` for class
     `classes[i]` of image i, at the images' own size. `model_input` preprocesses the images as
-    evaluation does (engine.inference_model gives both)."""
+    evaluation does (engine.inference_model gives both). A metadata model takes each image's
+    encoded `metadata` row (fusion.encoded_for)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
@@ -85,6 +91,8 @@ def class_maps(model: nn.Module, model_input: ModelInput, images: torch.Tensor, 
     with GradCAM(model=wrapped, target_layers=[layer], reshape_transform=reshape) as cam:
         for start in range(0, len(images), batch_size):
             x = model_input(images[start:start + batch_size].to(model_input.mean.device))
+            if metadata is not None:
+                wrapped.metadata = metadata[start:start + batch_size].to(x.device)
             targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes[start:start + batch_size]]
             for heat in cam(input_tensor=x, targets=targets):  # at the model's input size
                 maps.append(np.asarray(Image.fromarray(heat.astype(np.float32))

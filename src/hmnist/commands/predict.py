@@ -4,6 +4,7 @@
         (and beside it predictions_calibrated.csv, predictions_decisions.csv)
     hmnist predict --checkpoint models/model.pt --checkpoint models/fold1.pt ... PATH...   (an ensemble)
     hmnist predict --checkpoint models/model.pt PATH... --explain maps/   (and each image's class-activation map)
+    hmnist predict --checkpoint models/model.pt PATH... --metadata meta.csv   (a model trained with metadata)
     python -m hmnist.commands.predict --checkpoint models/model.pt PATH...     (the same arguments)
 
 PATH is any mix of image files and folders; folders are searched recursively for JPEG and
@@ -130,7 +131,16 @@ class _Member:
         self.model, self.model_input = inference_model(state, device, str(path))
         # absent from checkpoints made before them: no TTA, no calibration, no operating points
         self.tta, self.calibration = state.get("tta", "none"), state.get("calibration")
+        from hmnist.fusion import checkpoint_encoding
+
+        self.encoding = checkpoint_encoding(state)  # None: an image-only model (checked by inference_model)
         self.state = {k: v for k, v in state.items() if k != "state_dict"}  # what ensemble_operating_points reads
+
+    def metadata(self, rows: pd.DataFrame | None, count: int) -> torch.Tensor | None:
+        """A metadata model's encoded `rows` (`count` all-missing rows when None); None for an image-only one."""
+        import torch
+
+        return None if self.encoding is None else torch.from_numpy(self.encoding.encode(rows, count))
         if tuple(self.classes) != CLASSES:
             # the submission's columns are ISIC 2018's classes in ISIC 2018's order
             raise UserError(f"{path} predicts classes {', '.join(self.classes)}, "
@@ -191,16 +201,16 @@ class Predictor:
 
     def predict(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
                 tta: str | None = None, skip_bad: bool = False, progress: bool | None = False,
-                explain: str | os.PathLike | None = None) -> pd.DataFrame:
+                explain: str | os.PathLike | None = None, metadata: str | os.PathLike | None = None) -> pd.DataFrame:
         """The model's probabilities for every image in `paths`, in the ISIC 2018 submission format
         (`classify(...).submission`; the calibrated ones and the decisions: `classify`)."""
-        result = self.classify(paths, batch_size, tta, skip_bad, progress, explain)
+        result = self.classify(paths, batch_size, tta, skip_bad, progress, explain, metadata)
         result.submission.attrs["skipped"] = result.skipped
         return result.submission
 
     def classify(self, paths: str | os.PathLike | Iterable[str | os.PathLike], batch_size: int = 64,
                  tta: str | None = None, skip_bad: bool = False, progress: bool | None = False,
-                 explain: str | os.PathLike | None = None) -> Prediction:
+                 explain: str | os.PathLike | None = None, metadata: str | os.PathLike | None = None) -> Prediction:
         """Probabilities, calibrated probabilities and decisions for every image in `paths`.
 
         The frames have one row per image, sorted by image (the file name without extension);
@@ -213,6 +223,9 @@ class Predictor:
         `progress=None` shows a bar only on a terminal. With `explain`, a folder, each image's
         Grad-CAM map for its predicted class (cam.py; an ensemble's: the mean of its checkpoints'
         maps), overlaid on the image as the model saw it, goes there as <image>.png.
+        `metadata`: a CSV of each image's patient metadata (`image` plus age, sex, localization
+        or the ISIC archive's names; docs/workflow.md#metadata) for a model trained with it;
+        without it such a model predicts with every field missing, and says so once.
         """
         import torch
         from tqdm import tqdm
@@ -231,6 +244,7 @@ class Predictor:
             raise UserError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
         files = find_images(paths)
         check_unique_names(files)
+        table = self._metadata_table(metadata, [f.stem for f in files])  # before any decoding
         if explain is not None:
             explain = Path(explain)
             try:
@@ -256,15 +270,17 @@ class Predictor:
                     skipped.append(str(path))
                 if good:
                     images = torch.from_numpy(np.stack([image for _, image in good]))
+                    rows = None if table is None else table.for_images([path.stem for path, _ in good])
                     own = [predict_probs(m.model, images, m.model_input, inference_batch, self.device,
-                                         tta=m.tta if tta is None else tta) for m in self.members]
+                                         tta=m.tta if tta is None else tta, metadata=m.metadata(rows, len(good)))
+                           for m in self.members]
                     # an ensemble: the mean of the members' probabilities, and of their calibrated ones
                     probs.append(np.mean(own, axis=0))
                     calibrated.append(np.mean([calibration.apply(p, m.calibration)
                                                for p, m in zip(own, self.members)], axis=0))
                     names += [path.stem for path, _ in good]
                     if explain is not None:
-                        self._explain(images, probs[-1].argmax(1), names[-len(good):], explain)
+                        self._explain(images, probs[-1].argmax(1), names[-len(good):], explain, rows)
                 bar.update(len(batch))
         if not names:
             raise UserError(f"none of the {len(files)} input file(s) could be read as an image")
@@ -286,10 +302,36 @@ class Predictor:
             out[name] = np.where(flagged, "yes", "no")
         return out
 
-    def _explain(self, images: torch.Tensor, predicted: np.ndarray, names: list[str], folder: Path) -> None:
+    def _metadata_table(self, metadata: str | os.PathLike | None, names: list[str]):
+        """The metadata CSV read and checked against the images (fusion.MetadataFile), or None;
+        its notices, or the one saying that a metadata model gets none, on stderr."""
+        from hmnist import fusion
+
+        users = [m for m in self.members if m.encoding is not None]
+        if metadata is None:
+            if users:
+                fields = ", ".join(users[0].encoding.fields)
+                print(f"notice: {users[0].path} reads patient metadata ({fields}) and none was given "
+                      f"(--metadata FILE.csv): predicting with every field missing", file=sys.stderr)
+            return None
+        if not users:
+            raise UserError(f"--metadata was given but {self.checkpoint_path} was trained without metadata "
+                            f"(models.<name>.metadata: []): leave --metadata out")
+        table = fusion.read_csv(metadata)
+        notices = table.notices + table.check_covers(names)
+        fields = dict.fromkeys(f for m in users for f in m.encoding.fields)
+        notices += [f"notice: {table.path} has no {f} column: read as missing for every image"
+                    for f in fields if f not in table.rows.columns]
+        for notice in notices:
+            print(notice, file=sys.stderr)
+        return table
+
+    def _explain(self, images: torch.Tensor, predicted: np.ndarray, names: list[str], folder: Path,
+                 rows: pd.DataFrame | None = None) -> None:
         from hmnist.cam import class_maps, overlay
 
-        maps = np.mean([class_maps(m.model, m.model_input, images, predicted) for m in self.members], axis=0)
+        maps = np.mean([class_maps(m.model, m.model_input, images, predicted, metadata=m.metadata(rows, len(images)))
+                        for m in self.members], axis=0)
         for name, image, heat in zip(names, images.numpy(), maps):
             path = folder / f"{name}.png"
             try:
@@ -354,6 +396,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", metavar="DIR",
                         help="also write each image's class-activation map (Grad-CAM, for its predicted class) "
                              "over the image as DIR/<image>.png")
+    parser.add_argument("--metadata", metavar="FILE.csv",
+                        help="each image's patient metadata, for a model trained with it: a CSV with an image column "
+                             "(the file name without extension) and age, sex, localization (or the ISIC archive's "
+                             "age_approx, anatom_site_general); every image needs a row, empty fields are unknown. "
+                             "Without it such a model predicts with every field missing")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip files that cannot be decoded, with a warning, instead of stopping")
 
@@ -363,7 +410,7 @@ def run(args: argparse.Namespace) -> None:
     check_unique_names(files)
     predictor = Predictor(args.checkpoint, args.device)
     result = predictor.classify(files, args.batch_size, tta=args.tta, skip_bad=args.skip_bad, progress=None,
-                                explain=args.explain)
+                                explain=args.explain, metadata=args.metadata)
     frame = result.submission
     write_submission(frame, args.out)
     if args.out != "-":
@@ -380,7 +427,8 @@ def run(args: argparse.Namespace) -> None:
     tta = args.tta or predictor.members[0].tta
     also = f" (and {beside(args.out, 'calibrated')}, {beside(args.out, 'decisions')})" if args.out != "-" else ""
     print(f"{predictor.model_name} ({predictor.arch}{ensemble}) classified {len(frame)} image(s)"
-          f"{'' if tta == 'none' else f' with TTA ({tta})'}: "
+          f"{'' if tta == 'none' else f' with TTA ({tta})'}"
+          f"{f' with the metadata of {args.metadata}' if args.metadata else ''}: "
           f"wrote {where}{also}" + (f", and their maps to {args.explain}" if args.explain else ""), file=report)
 
 

@@ -132,6 +132,7 @@ def explain_run(data: RunData, per_kind: int, device_name: str) -> dict[str, dic
 
     from hmnist.cam import class_maps, overlay
     from hmnist.engine import inference_model, resolve_device
+    from hmnist.fusion import encoded_for
     from hmnist.models import load_checkpoint
 
     frame = data.predictions
@@ -155,7 +156,10 @@ def explain_run(data: RunData, per_kind: int, device_name: str) -> dict[str, dic
     device = resolve_device(device_name, setting="--device")
     model, model_input = inference_model(checkpoint, device)
     probs = frame[PROB_COLUMNS].to_numpy(float)[rows]
-    maps = class_maps(model, model_input, pixels, probs.argmax(1))
+    # a metadata model's map: its image part, with each image's metadata as its evaluation read it
+    removed = [f for f in str(data.metrics.get("metadata_removed", "none")).split(",") if f != "none"]
+    metadata = encoded_for(checkpoint, index.iloc[position[wanted].to_numpy()], len(rows), removed)
+    maps = class_maps(model, model_input, pixels, probs.argmax(1), metadata=metadata)
     cards = {}
     for row, image, heat, p in zip(rows, pixels.numpy(), maps, probs):
         predicted = CLASSES[int(p.argmax())]
@@ -203,6 +207,15 @@ def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tupl
     return out
 
 
+def used_metadata(metrics: dict[str, Any]) -> str:
+    """What a run's model read beside the image, as the runs table says it ("" for an image-only model)."""
+    if "metadata" not in metrics:
+        return ""
+    removed = metrics.get("metadata_removed", "none")
+    return (f" with patient metadata ({metrics['metadata']}"
+            + (f"; evaluated with {removed} removed" if removed != "none" else "") + ")")
+
+
 def calibration_section(runs: list[RunData]) -> list[str]:
     """Each run's calibration (test ECE and Brier of its own and its calibrated probabilities)
     and operating points (test sensitivity and specificity at the threshold chosen on
@@ -243,7 +256,8 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
            '<h2 id="runs">Runs</h2><table class="runs"><tr><th>recipe</th><th>model</th>',
            *[f"<th>{e(k)}</th>" for k in differ], *[f"<th>{e(m)}</th>" for m in HEADLINE], "</tr>"]
     for name, recipe, row in zip(names, recipes, rows):
-        models = sorted({f"{r.metrics.get('model', '?')} ({r.metrics.get('arch', '?')})" for r in recipe})
+        models = sorted({f"{r.metrics.get('model', '?')} ({r.metrics.get('arch', '?')}){used_metadata(r.metrics)}"
+                         for r in recipe})
         params = ["/".join(sorted({json.dumps(r.params.get(k)) for r in recipe})) for k in differ]
         out.append(f'<tr class="recipe"><td>{e(name)}</td><td>{e(", ".join(models))}</td>'
                    + "".join(f"<td>{e(p)}</td>" for p in params)
@@ -272,6 +286,10 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
             out.append(f"<figure>{body}<figcaption>{e(title)}</figcaption></figure>")
         out.append(f'</div><h3>Gallery: per true class, the {per_kind} most confident right and wrong '
                    "predictions, each beside its Grad-CAM map for the predicted class (red: most evidence for it)</h3>")
+        if "metadata" in data.metrics:
+            out.append(f'<p class="note metadata">This model also read each image\'s patient metadata '
+                       f"({e(data.metrics['metadata'])}): the maps show where in the image it found evidence, "
+                       "with the metadata held as it was; they cannot show what the metadata added.</p>")
         for name, kinds in galleries[data.spec].items():
             out.append(f'<h4>{e(name.upper())}</h4><div class="gallery" data-class="{e(name)}">')
             for kind in ("right", "wrong"):
