@@ -55,7 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS: dict[str, dict[str, Any]] = {
     "today": {},
     "notebook": {},  # the plain loop below, not the stages
+    # the budget's model with patient metadata fused (issue 31); each run is also evaluated again
+    # with every field removed (rows CONFIG+no-metadata), as an image without metadata is predicted
+    "metadata": {"models.<model>.metadata": ["age", "sex", "localization"]},
 }
+FIELDS = ["age", "sex", "localization"]
 # CPU budgets: the model, its cache and input size, epochs; fine-tuning or from scratch
 BUDGETS = {"resnet9": {"size": 32, "epochs": 12, "pretrained": False},
            "lite0": {"size": 128, "epochs": 8, "pretrained": True}}
@@ -74,7 +78,7 @@ def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overr
     params["train"]["seed"] = seed
     params["models"][model].update(resize=size, epochs=epochs, pretrained=BUDGETS[model]["pretrained"])
     for key, value in overrides.items():
-        set_key(params, key, value)
+        set_key(params, key.replace("<model>", model), value)
     return params
 
 
@@ -103,6 +107,13 @@ def data_stages(workdir: Path, params: dict, src: Path) -> Path:
     if (project / "data/split.csv").exists():
         if not (project / "data/folds.csv").exists():  # made before the split stage wrote folds (train reads them)
             run_stage("split", project, src, project / "log.txt")
+        index = project / "data/prepared/index.csv"
+        if "age" not in index.read_text().split("\n", 1)[0].split(",") and (src / "hmnist/fusion.py").exists():
+            # prepared before index.csv kept the patient metadata, which metadata runs need: the
+            # same images, prepared again (the split does not change)
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            for stage in ("prepare", "split"):
+                run_stage(stage, project, src, project / "log.txt")
         return project / "data"
     project.mkdir(parents=True, exist_ok=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -142,6 +153,29 @@ def tta_run(workdir: Path, run: dict, tta: str, src: Path) -> dict:
     params = yaml.safe_load((source / "params.yaml").read_text())
     if "tta" in params.get("evaluate", {}):
         params["evaluate"]["tta"] = tta
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage("evaluate", project, src, project / "log.txt")
+    result = collect(project, (source / "data").resolve(), params, None)
+    return {**result, "train_seconds": run["train_seconds"], "train_images_per_second": run["train_images_per_second"],
+            "loop_images_per_second": run.get("loop_images_per_second")}
+
+
+def uses_metadata(params: dict) -> bool:
+    return bool(params["models"][params["model"]].get("metadata"))
+
+
+def no_metadata_run(workdir: Path, run: dict, src: Path) -> dict:
+    """A finished metadata run's checkpoint evaluated again with every field removed
+    (evaluate.remove_metadata), as an image without metadata is predicted: no training."""
+    source = workdir / "runs" / f"{run['config']}-{run['seed']}"
+    project = workdir / "runs" / f"{run['config']}+no-metadata-{run['seed']}"
+    shutil.rmtree(project, ignore_errors=True)
+    (project / "models").mkdir(parents=True)
+    (project / "data").symlink_to((source / "data").resolve())
+    shutil.copy(source / "models/model.pt", project / "models/model.pt")
+    shutil.copytree(source / "dvclive", project / "dvclive")
+    params = yaml.safe_load((source / "params.yaml").read_text())
+    params["evaluate"]["remove_metadata"] = FIELDS
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_stage("evaluate", project, src, project / "log.txt")
     result = collect(project, (source / "data").resolve(), params, None)
@@ -481,9 +515,20 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"unknown configuration {name!r}: {', '.join(configs)} (or define it with --set)")
             for seed in (int(s) for s in args.seeds.split(",")):
                 label = name + args.tag
-                if any(r["config"] == label and r["seed"] == seed and same_budget(r) for r in done):
-                    continue
                 params = budget(base, args.archive.resolve(), args.size, args.epochs, seed, configs[name], args.budget)
+                finished = [r for r in done if r["config"] == label and r["seed"] == seed and same_budget(r)]
+                removed = label + "+no-metadata"
+                if finished and uses_metadata(params) and not any(
+                        r["config"] == removed and r["seed"] == seed and same_budget(r) for r in done):
+                    result = no_metadata_run(args.workdir, finished[0], args.src.resolve())
+                    result.update(config=removed, seed=seed, model=args.budget, size=args.size, epochs=args.epochs,
+                                  commit=commit, overrides={**configs[name], "evaluate.remove_metadata": FIELDS},
+                                  date=time.strftime("%Y-%m-%d"))
+                    done.append(result)
+                    with open(results_file, "a") as f:
+                        f.write(json.dumps(result) + "\n")
+                if finished:
+                    continue
                 data = data_stages(args.workdir, params, args.src.resolve())
                 print(f"== {label} seed {seed}", file=sys.stderr, flush=True)
                 if name == "notebook" and args.budget == "lite0":  # the plain fine-tuning loop
@@ -501,6 +546,16 @@ def main(argv: list[str] | None = None) -> None:
                 with open(results_file, "a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(json.dumps(result), file=sys.stderr, flush=True)
+                if uses_metadata(params) and name != "notebook":  # the same model without its metadata
+                    result = no_metadata_run(args.workdir, {**result, "config": label}, args.src.resolve())
+                    result.update(config=label + "+no-metadata", seed=seed, model=args.budget, size=args.size,
+                                  epochs=args.epochs, commit=commit,
+                                  overrides={**configs[name], "evaluate.remove_metadata": FIELDS},
+                                  date=time.strftime("%Y-%m-%d"))
+                    done.append(result)
+                    with open(results_file, "a") as f:
+                        f.write(json.dumps(result) + "\n")
+                    print(json.dumps(result), file=sys.stderr, flush=True)
     print(table([r for r in done if same_budget(r)]))
     print()
     print(calibration_table([r for r in done if same_budget(r)]))

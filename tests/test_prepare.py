@@ -72,7 +72,7 @@ def test_cache_shape_order_and_labels(prepared, synthetic_zip):
     meta = metadata(synthetic_zip).sort_values("image_id").reset_index(drop=True)
     assert isinstance(images, np.memmap) and images.mode == "r"
     assert images.shape == (len(meta), SIZE, SIZE, 3) and images.dtype == np.uint8
-    assert list(index.columns) == ["image_id", "lesion_id", "dx", "label"]
+    assert list(index.columns) == ["image_id", "lesion_id", "dx", "label", "age", "sex", "localization"]
     assert index["image_id"].tolist() == meta["image_id"].tolist()  # sorted, one row per image
     assert index["lesion_id"].tolist() == meta["lesion_id"].tolist()
     assert index["label"].tolist() == [CLASSES.index(dx) for dx in meta["dx"]]
