@@ -3,6 +3,8 @@
     python benchmarks/quality.py --archive ~/ham-real.zip --configs today,notebook --seeds 0,1,2
     python benchmarks/quality.py --archive ~/ham-real.zip --configs default --seeds 0 --src /tmp/old/src
     python benchmarks/quality.py --archive ~/ham-real.zip --budget lite0 --configs today,notebook --seeds 0,1,2
+    python benchmarks/quality.py --archive ~/ham-real.zip --budget lite0 --configs today,metadata --seeds 0,1,2
+        (patient metadata fused: each metadata run also evaluated with its fields removed, CONFIG+no-metadata)
 
 Each configuration is a set of params.yaml overrides, run as a user runs it: the stage commands
 `python -m hmnist.stages.train` and `python -m hmnist.stages.evaluate` in a throwaway project whose data/ is

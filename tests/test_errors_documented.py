@@ -43,6 +43,8 @@ UNTESTED = {
         "tested through predict's constants",
     '(skip unreadable files with --skip-bad)':
         'tested through predict.SKIP_HINT',
+    'cannot read --metadata {file}: {reason}':
+        'a metadata file that exists but cannot be read (permissions, not text): no test yet',
 }
 
 

@@ -302,8 +302,8 @@ def read_csv(path: str | Path) -> MetadataFile:
                 shown = ", ".join(f"{v!r} ({n} rows)" for v, n in sorted(unmapped.items())[:5])
                 notices.append(f"notice: {path}: {name} value(s) {shown} read as unknown (docs/workflow.md#metadata)")
     if not found:
-        raise UserError(f"--metadata {path} has no metadata column: it needs one or more of "
-                        + ", ".join(" or ".join(c[:2]) for c in FIELD_COLUMNS.values()))
+        names = ", ".join(" or ".join(c[:2]) for c in FIELD_COLUMNS.values())
+        raise UserError(f"--metadata {path} has no metadata column: it needs one or more of {names}")
     return MetadataFile(path, rows.set_index("image"), notices)
 
 
