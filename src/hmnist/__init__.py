@@ -4,6 +4,7 @@
     model = hmnist.load("models/model.pt")        # device="auto" | "cuda" | "cpu"
     frame = model.predict(["new_images/"])         # ISIC 2018 columns: image, MEL, NV, ...
     result = model.classify(["new_images/"])       # .submission, .calibrated, .decisions (operating points)
+    result = model.classify(["new_images/"], metadata="meta.csv")  # a model trained with patient metadata
 
 Importing the package imports nothing heavy: torch and timm load on the first `load`.
 """

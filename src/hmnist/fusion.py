@@ -289,7 +289,7 @@ def read_csv(path: str | Path) -> MetadataFile:
     for name, columns in FIELD_COLUMNS.items():
         present = [c for c in columns if c in frame.columns]
         if len(present) > 1:
-            raise UserError(f"--metadata {path} has both {present[0]} and {present[1]} for {name}: keep one")
+            raise UserError(f"--metadata {path} gives a field twice, as {present[0]} and {present[1]}: keep one column for {name}")
         if not present:
             continue
         found += 1
