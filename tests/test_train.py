@@ -739,9 +739,9 @@ def test_gradient_clipping_and_layer_decay_reach_the_optimizer(data, synthetic_z
         real_clip(parameters, value, mode=mode)
         seen["clip"].append((value, mode, max(p.grad.abs().max().item() for p in parameters if p.grad is not None)))
 
-    def groups(model, lr, weight_decay, layer_decay=None):
+    def groups(model, lr, weight_decay, layer_decay=None, decay_all=False):
         seen["layer_decay"].append(layer_decay)
-        return real_groups(model, lr, weight_decay, layer_decay)
+        return real_groups(model, lr, weight_decay, layer_decay, decay_all)
 
     monkeypatch.setattr(train_module, "dispatch_clip_grad", clip)
     monkeypatch.setattr(train_module, "param_groups", groups)
