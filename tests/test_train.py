@@ -748,3 +748,23 @@ def test_gradient_clipping_and_layer_decay_reach_the_optimizer(data, synthetic_z
     train(parse_params(raw), images, index, split)
     assert seen["layer_decay"] == [0.75]
     assert seen["clip"] and all(v == 0.5 and m == "value" and largest <= 0.5 for v, m, largest in seen["clip"])
+
+
+def test_a_models_own_recipe_overrides_the_train_block(data, synthetic_zip, monkeypatch):
+    """models.<name>.clip_grad, schedule and decay_all win over train's; null keeps train's."""
+    images, index, split = data
+    raw = tiny_params(synthetic_zip)
+    raw["model"] = "deit"
+    raw["models"]["deit"].update(epochs=1, clip_grad=0.25, schedule="onecycle", decay_all=True)
+    raw["train"].update(clip_grad=0.5, clip_mode="value", schedule="cosine", decay_all=False)
+    seen = {"clip": set(), "decay_all": [], "schedule": []}
+    real_groups, real_scheduler = train_module.param_groups, train_module.make_scheduler
+    monkeypatch.setattr(train_module, "dispatch_clip_grad", lambda parameters, value, mode: seen["clip"].add(value))
+    monkeypatch.setattr(train_module, "param_groups", lambda *a: seen["decay_all"].append(a[-1]) or real_groups(*a))
+    monkeypatch.setattr(train_module, "make_scheduler", lambda o, s, *a: seen["schedule"].append(s) or real_scheduler(o, s, *a))
+    train(parse_params(raw), images, index, split)
+    assert seen == {"clip": {0.25}, "decay_all": [True], "schedule": ["onecycle"]}
+    raw["models"]["deit"].update(clip_grad=None, schedule=None, decay_all=None)
+    seen = {"clip": set(), "decay_all": [], "schedule": []}
+    train(parse_params(raw), images, index, split)
+    assert seen == {"clip": {0.5}, "decay_all": [False], "schedule": ["cosine"]}

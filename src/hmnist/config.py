@@ -80,6 +80,12 @@ class ModelConfig:
     # this model's linear warmup in epochs, instead of train.warmup_epochs (null: that one), e.g.
     # a fine-tuning recipe's short ramp where the train block's suits training from scratch
     warmup_epochs: float | None = None
+    # this model's own learning-rate schedule, weight-decay groups and gradient clipping instead of
+    # the train block's (null: the train block's), so a fine-tuning recipe measured for one model
+    # does not change another's measured defaults
+    schedule: str | None = None
+    decay_all: bool | None = None
+    clip_grad: float | None = None
     # test-time augmentation this model is calibrated, evaluated and predicted with (stored in its
     # checkpoint; the epoch's validation stays one view): none, hflip (2 views), flips (4), dihedral (8)
     tta: str = "none"
@@ -290,6 +296,10 @@ def _validate(p: Params) -> None:
         need(0 < m.layer_decay <= 1, f"{where}.layer_decay must be in (0, 1] (1 = off), got {m.layer_decay}")
         need(m.warmup_epochs is None or m.warmup_epochs >= 0,
              f"{where}.warmup_epochs must be >= 0 or null (train.warmup_epochs), got {m.warmup_epochs}")
+        need(m.schedule is None or m.schedule in SCHEDULES,
+             f"{where}.schedule must be one of {', '.join(SCHEDULES)} or null (train.schedule), got {m.schedule!r}")
+        need(m.clip_grad is None or m.clip_grad >= 0,
+             f"{where}.clip_grad must be >= 0 or null (train.clip_grad), got {m.clip_grad}")
         need(m.tta in TTA, f"{where}.tta must be one of {', '.join(TTA)}, got {m.tta!r}")
         _check_fields(m.metadata, f"{where}.metadata")
         need(0 <= m.metadata_dropout < 1, f"{where}.metadata_dropout must be in [0, 1), got {m.metadata_dropout}")

@@ -199,10 +199,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
                    ) -> torch.optim.lr_scheduler.LRScheduler:
     """train.schedule: `cosine` (lr_lambda), or `onecycle`: PyTorch's OneCycleLR with its
     defaults (the plain fine-tuning loop's), warming up over the same share of the steps."""
-    if schedule == "onecycle":
+    if schedule == "onecycle" and total_steps >= 3:
+        # OneCycleLR divides by each phase's length in steps minus one: at least 2 steps of warmup
+        # and 1 after (a run of 1 or 2 steps, as in smoke tests, keeps the cosine schedule)
+        warmup = min(max(warmup_steps, 2), total_steps - 1)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, [group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
-            pct_start=min(max(warmup_steps, 1) / total_steps, 0.99))
+            pct_start=warmup / total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
 
 

@@ -62,10 +62,11 @@ def evaluate_split(model, images, labels, model_input, batch_size, device, metad
     return summary_metrics(labels, predict_probs(model, images, model_input, batch_size, device, metadata=metadata))
 
 
-def warmup_epochs(params: Params) -> float:
-    """The model's own warmup when its entry sets one, else the train block's."""
-    own = params.model_config.warmup_epochs
-    return params.train.warmup_epochs if own is None else own
+def own(params: Params, key: str) -> Any:
+    """The model's own `key` (warmup_epochs, schedule, decay_all, clip_grad) when its entry sets
+    one, else the train block's."""
+    value = getattr(params.model_config, key)
+    return getattr(params.train, key) if value is None else value
 
 
 def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]) -> str:
@@ -194,9 +195,10 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
 
     batch_size = shared_batch_size(params, len(train_rows), ranks.world)
     steps_per_epoch = max(1, len(train_rows) // batch_size)
-    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay, tc.decay_all),
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay,
+                                               own(params, "decay_all")),
                                   lr=config.lr, fused=device.type == "cuda")
-    scheduler = make_scheduler(optimizer, tc.schedule, round(warmup_epochs(params) * steps_per_epoch),
+    scheduler = make_scheduler(optimizer, own(params, "schedule"), round(own(params, "warmup_epochs") * steps_per_epoch),
                                config.epochs * steps_per_epoch)
     step_model = distributed.data_parallel(model, device, ranks)
     step_model = torch.compile(step_model) if tc.compile else step_model
@@ -280,8 +282,9 @@ def _train_step(run: Run, batch: torch.Tensor) -> torch.Tensor:
         try:
             loss = backward_batch(run.step_model, inputs, labels, run.criterion, run.loss_weights, positions,
                                   run.accum, run.device, ranks.shard, ranks.world, run.mixer)
-            if tc.clip_grad > 0:  # after DDP's all-reduce: every rank clips the same gradient
-                dispatch_clip_grad(run.model.parameters(), tc.clip_grad, mode=tc.clip_mode)
+            clip = own(run.params, "clip_grad")
+            if clip > 0:  # after DDP's all-reduce: every rank clips the same gradient
+                dispatch_clip_grad(run.model.parameters(), clip, mode=tc.clip_mode)
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
