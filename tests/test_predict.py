@@ -486,3 +486,56 @@ def test_evaluate_writes_each_output_whole(trained, tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err.strip().endswith("error: cannot write plots/roc.png: No space left on device")
     assert (project / "plots/roc.png").read_bytes() == before
     assert not list(project.rglob("*.partial"))
+
+
+def saved(image: Image.Image, path: Path, format: str = "PNG") -> Path:
+    image.save(path, format)  # a TIFF under a .png name too: PIL goes by the content
+    return path
+
+
+def test_high_bit_depth_images_scale_to_8_bits(tmp_path):
+    """16-bit greyscale (a PNG from a scanner, a TIFF in either byte order) decodes as its 8-bit
+    equivalent, not clipped to white; LA and PA keep their colours; 32-bit integer and float
+    images, whose range is unknown, are refused, never guessed."""
+    from hmnist.data import decode_image
+
+    grey = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint8)
+    wide = grey.astype(np.uint16) * 257  # the same brightness on the 16-bit scale
+    expected = decode_image(saved(Image.fromarray(grey, "L"), tmp_path / "grey8.png").read_bytes(), 32)
+    sixteen = {"I;16 PNG": saved(Image.fromarray(wide), tmp_path / "a.png"),
+               "I;16 TIFF": saved(Image.fromarray(wide), tmp_path / "b.png", "TIFF"),
+               "I;16B TIFF": saved(Image.frombytes("I;16B", (64, 48), wide.astype(">u2").tobytes()),
+                                   tmp_path / "c.png", "TIFF")}
+    for name, path in sixteen.items():
+        with Image.open(path) as opened:
+            assert opened.mode == name.split()[0], name  # the mode the test means to exercise
+        np.testing.assert_array_equal(decode_image(path.read_bytes(), 32), expected, err_msg=name)
+    alpha = np.full_like(grey, 100)
+    la = saved(Image.fromarray(np.stack([grey, alpha], -1), "LA"), tmp_path / "la.png")
+    np.testing.assert_array_equal(decode_image(la.read_bytes(), 32), expected)
+    palette = Image.fromarray(grey, "L").convert("P")
+    pa = saved(palette.convert("PA"), tmp_path / "pa.png", "TIFF")
+    with Image.open(pa) as opened:
+        assert opened.mode == "PA"
+    np.testing.assert_array_equal(decode_image(pa.read_bytes(), 32), np.array(palette.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)))
+    for mode, array in (("I", wide.astype(np.int32)), ("F", wide.astype(np.float32))):
+        path = saved(Image.fromarray(array), tmp_path / f"{mode}.png", "TIFF")
+        with pytest.raises(ValueError, match=rf"\(PIL mode {mode}\) has no fixed brightness range to scale to 8 bits"):
+            decode_image(path.read_bytes(), 32)
+
+
+def test_predict_16_bit_png_as_its_8_bit_twin(model, tmp_path):
+    """The issue's case end to end: a 16-bit greyscale PNG is classified as its 8-bit twin, not
+    as a blank white image."""
+    grey = np.random.default_rng(1).integers(0, 256, (96, 128), dtype=np.uint8)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(grey, "L").save(folder / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen.png")
+    Image.new("L", (128, 96), 255).save(folder / "white.png")
+    frame = model.predict(folder).set_index("image")
+    np.testing.assert_allclose(frame.loc["sixteen"], frame.loc["eight"], atol=1e-6)
+    assert np.abs(frame.loc["sixteen"] - frame.loc["white"]).max() > 1e-4
+    path = saved(Image.fromarray(grey.astype(np.float32)), folder / "float.png", "TIFF")
+    with pytest.raises(UserError, match=rf"^{path}: cannot decode it as an image: a floating-point image"):
+        model.predict(path)

@@ -78,12 +78,38 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
             # at least size x size: 600x450 decodes as 300x225 for size 224, and the resize
             # then reads a quarter of the pixels. A no-op for formats other than JPEG.
             image.draft("RGB", (size, size))
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            rgb = _as_rgb(image)
             # np.array, not asarray: a writable array the caller owns
             return np.array(rgb.resize((size, size), RESAMPLE))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         # UnidentifiedImageError and "image file is truncated" are OSErrors
         raise ValueError(str(e) or type(e).__name__) from None
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, on its own brightness scale.
+
+    PIL's convert("RGB") clips every value of a 16-bit greyscale image (modes I;16, I;16B, and I
+    as older Pillow opens a 16-bit PNG) to 255: all but the darkest scanner or medical export
+    would turn white, and the model would answer for a blank image without a word. Those are
+    scaled by 255/65535 instead. A 32-bit integer or floating-point image (a TIFF under a .png
+    name: PIL goes by the content) has no fixed range to scale from, so it is refused rather
+    than guessed. Modes with alpha (LA, PA, RGBA) and palettes keep their colours; the alpha
+    is dropped, as HAM10000's own images have none. ValueError for a mode refused.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):  # a PNG holds at most 16 bits
+        grey = np.asarray(image).astype(np.int64)
+        if grey.max(initial=0) > 65535 or grey.min(initial=0) < 0:  # cannot happen for these modes: a guard
+            raise ValueError(f"a {mode} image with values outside 0-65535")
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F"):
+        kind = "a 32-bit integer" if mode == "I" else "a floating-point"
+        raise ValueError(f"{kind} image (PIL mode {mode}) has no fixed brightness range to scale to 8 bits: "
+                         "save it as an 8- or 16-bit PNG, or a JPEG")
+    return image.convert("RGB")
 
 
 def load_prepared(folder: str | Path = PREPARED) -> tuple[np.ndarray, pd.DataFrame]:
