@@ -37,8 +37,6 @@ UNTESTED = {
         'tested through a variable: the text search cannot see it',
     '{path}: not a JPEG or PNG file: ...':
         "tested through predict's constants",
-    '{path}: cannot decode it as an image: {reason}':
-        "tested through predict's constants",
     '{path}: cannot read it: {reason}':
         "tested through predict's constants",
     '(skip unreadable files with --skip-bad)':

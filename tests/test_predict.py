@@ -518,9 +518,11 @@ def test_high_bit_depth_images_scale_to_8_bits(tmp_path):
     with Image.open(pa) as opened:
         assert opened.mode == "PA"
     np.testing.assert_array_equal(decode_image(pa.read_bytes(), 32), np.array(palette.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)))
-    for mode, array in (("I", wide.astype(np.int32)), ("F", wide.astype(np.float32))):
+    for kind, mode, array in (("a 32-bit integer image", "I", wide.astype(np.int32)),
+                              ("a floating-point image", "F", wide.astype(np.float32))):
         path = saved(Image.fromarray(array), tmp_path / f"{mode}.png", "TIFF")
-        with pytest.raises(ValueError, match=rf"\(PIL mode {mode}\) has no fixed brightness range to scale to 8 bits"):
+        with pytest.raises(ValueError, match=rf"^{kind} \(PIL mode {mode}\) has no fixed brightness range to scale to 8 bits: "
+                                             "save it as an 8- or 16-bit PNG, or a JPEG$"):
             decode_image(path.read_bytes(), 32)
 
 

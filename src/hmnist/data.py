@@ -120,14 +120,65 @@ def load_prepared(folder: str | Path = PREPARED) -> tuple[np.ndarray, pd.DataFra
 
     folder = Path(folder)
     try:
-        images = np.load(folder / IMAGES_FILE, mmap_mode="r")
         index = pd.read_csv(folder / INDEX_FILE, dtype={"image_id": str, "lesion_id": str, "dx": str, "label": int})
+        rows = check_cache_file(folder / IMAGES_FILE)
     except FileNotFoundError as e:
         raise UserError(f"{e.filename} not found: run the prepare stage first (dvc repro prepare)") from None
-    if len(images) != len(index):
-        raise UserError(f"{folder}: {IMAGES_FILE} holds {len(images)} images but {INDEX_FILE} lists {len(index)}: "
+    if rows != len(index):
+        raise UserError(f"{folder}: {IMAGES_FILE} holds {rows} images but {INDEX_FILE} lists {len(index)}: "
                         "run the prepare stage again")
-    return images, index
+    return np.load(folder / IMAGES_FILE, mmap_mode="r"), index
+
+
+def check_cache_file(path: Path) -> int:
+    """The number of images in the prepared cache at `path`, after checking that its header reads
+    as N x size x size x 3 uint8 and that the file is as long as that header says.
+
+    np.load memory-maps a truncated file with numpy's "mmap length is greater than file size"
+    traceback, and a file cut to the length of a smaller shape would read as wrong pixels. With
+    DVC's linked cache (.dvc/config: cache.type hardlink) the file in the workspace *is* the
+    cache object, so an edit in place damages both, and DVC, which trusts its cache, links the
+    damaged file back on every checkout or `dvc repro -f`. Checking the length costs one stat;
+    hashing the whole file to catch damage that keeps its length would cost seconds per stage.
+    """
+    try:
+        with open(path, "rb") as file:
+            try:
+                version = np.lib.format.read_magic(file)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran_order, dtype = read_header(file)
+            except ValueError as e:
+                raise UserError(damaged_cache(path, f"its .npy header is unreadable: {first_line(e)}")) from None
+            length, needed = os.fstat(file.fileno()).st_size, file.tell() + int(np.prod(shape)) * dtype.itemsize
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied") from None
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise UserError(damaged_cache(path, f"its header says {dtype} {'x'.join(map(str, shape))}, "
+                                            "not N x size x size x 3 uint8"))
+    if length != needed:
+        raise UserError(damaged_cache(path, f"{length:,} bytes where its header's {'x'.join(map(str, shape))} "
+                                            f"images need {needed:,}"))
+    return int(shape[0])
+
+
+def damaged_cache(path: Path, what: str) -> str:
+    """The one-line error for a damaged cache file: what is wrong, and the recovery, naming the
+    DVC cache object to delete with it when dvc.lock (in the project root, where stages run)
+    records one. Deleting only the workspace file is not enough: DVC would link the damaged
+    object back (docs/data.md, "A damaged prepared cache")."""
+    import yaml
+
+    cache_object = None
+    with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, StopIteration):
+        outs = yaml.safe_load(Path("dvc.lock").read_text())["stages"]["prepare"]["outs"]
+        md5 = next(out["md5"] for out in outs if Path(out["path"]) == path)
+        cache_object = Path(".dvc/cache/files/md5", md5[:2], md5[2:])
+    if cache_object is not None:
+        return (f"{path} is damaged ({what}), and so is DVC's cache object when linked to it (this project's "
+                f"cache.type): rm -f {path} {cache_object}, then run dvc repro prepare")
+    return (f"{path} is damaged ({what}): delete it, and DVC's cache object linked to it if any "
+            f"(docs/data.md#a-damaged-prepared-cache), then run dvc repro prepare")
 
 
 def write_whole(path: Path, write: Callable[[Path], None]) -> None:
