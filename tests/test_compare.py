@@ -103,6 +103,12 @@ def test_errors(runs, tmp_path, capsys, monkeypatch):
         assert code == 2, (args, out, err)
         assert err.startswith("error: ") and message in err, err
         assert len(err.strip().splitlines()) == 1, err
+    for seed in ("-1", "4294967296"):  # before any run is read: argparse's usage and one error line
+        code, out, err = in_process(capsys, runs["weak"], runs["strong"], "--seed", seed)
+        assert code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].endswith(f"argument --seed: must be between 0 and 4294967295, got {seed}"), err
+    code, out, err = in_process(capsys, runs["weak"], runs["strong"], "--resamples", "50")
+    assert code == 2 and err.strip().splitlines()[-1].endswith("argument --resamples: must be at least 100, got 50"), err
 
 
 def test_old_predictions_take_the_truth_from_their_split():

@@ -30,7 +30,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from hmnist.errors import at_least, cli
+from hmnist.errors import MAX_SEED, at_least, cli
 from hmnist.runs import PROB_COLUMNS, check_same_test_set, parse_recipe, read_operating_points, read_recipe
 
 if TYPE_CHECKING:
@@ -111,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON, for scripts")
     parser.add_argument("--resamples", type=at_least(100), default=2000,
                         help="paired lesion resamples (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the resampling seed (default: %(default)s)")
+    parser.add_argument("--seed", type=at_least(0, MAX_SEED), default=0,
+                        help=f"the resampling seed, 0 to {MAX_SEED} (default: %(default)s)")
     parser.add_argument("--repo", default=".", help="the DVC project whose revisions A and B name (default: .)")
 
 

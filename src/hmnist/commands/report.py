@@ -30,7 +30,7 @@ import numpy as np
 
 from hmnist.config import CLASSES, DEVICES
 from hmnist.data import write_whole
-from hmnist.errors import UserError, at_least, cli
+from hmnist.errors import MAX_SEED, UserError, at_least, cli
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
                          run_predictions)
 
@@ -325,7 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per class, how many right and how many wrong test images (default: %(default)s)")
     parser.add_argument("--resamples", type=at_least(100), default=2000,
                         help="lesion resamples of the intervals (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the resampling seed (default: %(default)s)")
+    parser.add_argument("--seed", type=at_least(0, MAX_SEED), default=0,
+                        help=f"the resampling seed, 0 to {MAX_SEED} (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the class-activation maps are computed (default: %(default)s)")
     parser.add_argument("--repo", default=".", help="the DVC project whose revisions the runs name (default: .)")
