@@ -107,6 +107,8 @@ UNMATCHABLE = {
         "the missing file is a placeholder; documented as `{run} has no metrics/metrics.json` and the like",
     ("commands/report.py", "{} has no {}: {}"):
         "the missing file is a placeholder; documented as `{run} has no models/model.pt ...` and the like",
+    ("stages/download.py", "cannot read {}: {}"):
+        "'cannot read' alone is in several messages; documented as `cannot read {path}: {reason}` under download",
     ("stages/prepare.py", "cannot read {}: {}"):
         "'cannot read' alone is in several messages; documented as `cannot read {zip}: {reason}`",
     ("stages/prepare.py", "error"):
