@@ -39,8 +39,6 @@ UNTESTED = {
         "tested through predict's constants",
     '{path}: cannot read it: {reason}':
         "tested through predict's constants",
-    '(skip unreadable files with --skip-bad)':
-        'tested through predict.SKIP_HINT',
 }
 
 

@@ -541,3 +541,50 @@ def test_predict_16_bit_png_as_its_8_bit_twin(model, tmp_path):
     path = saved(Image.fromarray(grey.astype(np.float32)), folder / "float.png", "TIFF")
     with pytest.raises(UserError, match=rf"^{path}: cannot decode it as an image: a floating-point image"):
         model.predict(path)
+
+
+def test_broken_symbolic_links_are_named_or_skipped(trained, model, images, tmp_path, capsys):
+    """A dangling link and a link to itself in a folder: without --skip-bad the error names the
+    broken link; with it both are skipped with a warning and the other images classified."""
+    good = sorted(p.stem for p in images.rglob("*") if p.is_file() and ".hidden" not in p.parts
+                  and p.suffix != ".txt" and not p.name.startswith("."))
+    dangling, loop = images / "gone.jpg", images / "a" / "loop.png"
+    dangling.symlink_to(images / "nowhere.jpg")
+    loop.symlink_to(loop)
+    checkpoint = str(trained / "models/model.pt")
+    line = main_error(capsys, "--checkpoint", checkpoint, "--device", "cpu", str(images), "--out", str(tmp_path / "x.csv"))
+    assert line == (f"error: {loop}: a broken symbolic link: it leads to itself, in a loop "
+                    "(skip unreadable files with --skip-bad)")
+    with pytest.raises(UserError, match=rf"^{dangling}: a broken symbolic link: its target {images / 'nowhere.jpg'} "
+                                        r"does not exist \(skip unreadable files with --skip-bad\)$"):
+        model.predict(dangling)
+    out = tmp_path / "good.csv"
+    predict_module.main(["--checkpoint", checkpoint, "--device", "cpu", "--skip-bad", str(images), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert f"warning: skipping {dangling}: a broken symbolic link" in stderr
+    assert f"warning: skipping {loop}: a broken symbolic link" in stderr
+    assert_submission(pd.read_csv(out), good)
+
+
+def test_output_path_checked_before_any_work(tmp_path, capsys):
+    """--out a folder, or somewhere no file can be made: one line before the checkpoint is even
+    read (here it does not exist, and that error would come first otherwise)."""
+    from hmnist.data import check_writable
+
+    image = tmp_path / "in" / "ISIC_1.png"
+    image.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(image)
+    missing = str(tmp_path / "no_such.pt")
+    line = main_error(capsys, "--checkpoint", missing, str(image), "--out", str(tmp_path))
+    assert line == f"error: cannot write {tmp_path}: it is a folder (give a file in it, e.g. {tmp_path / 'predictions.csv'})"
+    (tmp_path / "plain").write_text("a file where a folder should be")
+    line = main_error(capsys, "--checkpoint", missing, str(image), "--out", str(tmp_path / "plain" / "sub" / "p.csv"))
+    assert line == f"error: cannot write {tmp_path / 'plain/sub/p.csv'}: {tmp_path / 'plain'} is not a folder"
+    if Path("/proc/self").is_dir():  # Linux: a file system that makes no files, even for root
+        line = main_error(capsys, "--checkpoint", missing, str(image), "--out", "/proc/x.csv")
+        assert line == "error: cannot write /proc/x.csv: cannot create a file in /proc (no files can be made there)"
+    before = sorted(tmp_path.rglob("*"))
+    check_writable(tmp_path / "new" / "deeper" / "p.csv", "predictions.csv")  # folders write_whole would make
+    assert sorted(tmp_path.rglob("*")) == before  # the check itself leaves nothing behind
+    line = main_error(capsys, "--checkpoint", missing, str(image), "--out", str(tmp_path / "new" / "p.csv"))
+    assert "checkpoint" in line and "not found" in line  # a writable path: on to the checkpoint

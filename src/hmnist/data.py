@@ -196,6 +196,30 @@ def write_whole(path: Path, write: Callable[[Path], None]) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
 
 
+def check_writable(path: Path, example: str) -> None:
+    """Fail now, in one line, if write_whole could not write `path`: a command checks its output
+    before minutes of inference, not after. `example`: a file name to suggest when `path` is a
+    folder. Creates nothing: the test file is an unnamed temporary (O_TMPFILE where supported)
+    in the deepest existing folder on the way, since write_whole makes the missing ones."""
+    import errno
+    import tempfile
+
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder (give a file in it, e.g. {path / example})")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        # /proc and the like refuse to create files with ENOENT, a reason that would mislead
+        reason = "no files can be made there" if e.errno == errno.ENOENT else (e.strerror or first_line(e))
+        raise UserError(f"cannot write {path}: cannot create a file in {folder} ({reason})") from None
+
+
 def load_split(path: str | Path = SPLIT) -> pd.DataFrame:
     """data/split.csv (image_id, lesion_id, dx, split), every column as text."""
     import pandas as pd

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hmnist.config import CLASSES, DEVICES
-from hmnist.data import write_whole
+from hmnist.data import check_writable, write_whole
 from hmnist.errors import MAX_SEED, UserError, at_least, cli
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
                          run_predictions)
@@ -335,6 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     recipes = [parse_recipe(text) for text in args.recipes]
+    check_writable(Path(args.out), "report.html")  # before minutes of reading runs and computing maps
     page = report(recipes, args.repo, args.gallery, args.resamples, args.seed, args.device, progress=True)
     path = Path(args.out)
     write_whole(path, lambda partial: partial.write_text(page, encoding="utf-8"))
