@@ -48,6 +48,13 @@ def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return whole_number
 
 
+def description(doc: str | None, fallback: str = "") -> str:
+    """A module docstring's first paragraph on one line: a command's `--help` description. Its
+    first line alone stops mid-sentence wherever the sentence wraps."""
+    paragraph = (doc or fallback).strip().split("\n\n")[0]
+    return " ".join(paragraph.split())
+
+
 def cli(main: Callable[..., object]) -> Callable[..., object]:
     """Wrap a stage's main(): UserError -> `error: ...` and exit 2; Ctrl-C -> exit 130."""
 

@@ -30,7 +30,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from hmnist.errors import MAX_SEED, at_least, cli
+from hmnist.errors import MAX_SEED, at_least, cli, description
 from hmnist.runs import PROB_COLUMNS, check_same_test_set, parse_recipe, read_operating_points, read_recipe
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.compare", description=description(__doc__))
     add_arguments(parser)
     run(parser.parse_args(argv))
 

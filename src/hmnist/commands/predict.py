@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from hmnist.config import CLASSES, DEVICES, TTA
-from hmnist.errors import UserError, at_least, cli
+from hmnist.errors import UserError, at_least, cli, description
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.
@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.predict", description=description(__doc__))
     add_arguments(parser)
     run(parser.parse_args(argv))
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from hmnist.config import CLASSES, DEVICES
 from hmnist.data import check_writable, write_whole
-from hmnist.errors import MAX_SEED, UserError, at_least, cli
+from hmnist.errors import MAX_SEED, UserError, at_least, cli, description
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
                          run_predictions)
 
@@ -345,7 +345,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.report", description=description(__doc__))
     add_arguments(parser)
     run(parser.parse_args(argv))
 
