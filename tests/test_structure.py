@@ -201,3 +201,19 @@ def test_the_tracking_sees_a_read():
     assert dataclasses.asdict(params.split)["seed"] == 42
     assert {"model", "models.resnet9.lr", "train.device", "split.seed", "split.val"} <= seen
     assert "data.source" not in seen
+
+
+def test_the_readmes_cpu_install_pins_what_pyproject_pins():
+    """The README installs PyTorch's CPU build at explicit versions before the project: pins
+    other than pyproject.toml's would make pip replace it with PyPI's CUDA build (or fail)."""
+    import re
+    import tomllib
+
+    pins = dict(re.fullmatch(r"(torch|torchvision)==(\S+)", d).groups()
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                if re.fullmatch(r"(torch|torchvision)==\S+", d))
+    assert set(pins) == {"torch", "torchvision"}
+    command = next(line for line in (REPO / "README.md").read_text().splitlines()
+                   if "download.pytorch.org/whl/cpu" in line)
+    assert command.split() == ["pip", "install", f"torch=={pins['torch']}", f"torchvision=={pins['torchvision']}",
+                               "--index-url", "https://download.pytorch.org/whl/cpu"]
