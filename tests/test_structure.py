@@ -75,7 +75,12 @@ def closure(module: str) -> set[str]:
 
 
 def test_the_stage_modules_are_the_ones_dvc_runs():
-    assert set(STAGES.values()) == {f"stages.{m}" for m in ("download", "prepare", "split", "train", "evaluate")}
+    assert set(STAGES.values()) == {f"stages.{m}" for m in ("check_params", "download", "prepare", "split", "train",
+                                                            "evaluate")}
+    # check_params reads params.yaml as a file (any edit re-runs it), and split, upstream of train
+    # and evaluate, waits for its output: a bad value stops a run before DVC deletes their outputs
+    assert "params.yaml" in DEFS["check_params"]["deps"] and "params" not in DEFS["check_params"]
+    assert DEFS["check_params"]["outs"] == ["data/params_checked.txt"] and "data/params_checked.txt" in DEFS["split"]["deps"]
 
 
 def test_the_tree_shows_the_architecture():

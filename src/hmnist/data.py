@@ -19,6 +19,8 @@ from hmnist.errors import UserError, first_line
 if TYPE_CHECKING:
     import pandas as pd
 
+# check_params -> split: a fixed text, written once params.yaml passed its checks (see stages/check_params.py)
+PARAMS_CHECKED = Path("data/params_checked.txt")
 # download -> prepare
 ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
 # prepare -> split, train, evaluate: images.npy is N x size x size x 3 uint8 RGB, index.csv's

@@ -262,7 +262,7 @@ def bench_repro(models: list[str], n_images: int, workers: int, keep: Path | Non
 
     result: dict[str, Any] = {"runner": runner, "models": {}}
     (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": models[0]}, sort_keys=False))
-    result["data_stages_seconds"] = {stage: run(stage) for stage in ("download", "prepare", "split")}
+    result["data_stages_seconds"] = {stage: run(stage) for stage in ("check_params", "download", "prepare", "split")}
     result["images"] = len((project / "data/prepared/index.csv").read_text().splitlines()) - 1
     for name in models:
         (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": name}, sort_keys=False))
