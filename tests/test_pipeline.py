@@ -70,6 +70,7 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
     other["models"]["swin"]["lr"] = 1e-3
     (project / "params.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
     assert list(json.loads(run(["dvc", "status", "--json"], project).stdout)) == ["check_params"]
+    assert ran(run(["dvc", "repro"], project).stdout) == ["check_params"]
 
     # a git remote for the commits and experiment refs, a DVC remote (a folder) for the data
     origin = tmp_path / "origin.git"
