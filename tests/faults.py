@@ -1,5 +1,6 @@
-"""Faults injected into prepare's decoding workers (inherited through fork). A module of its
-own, without torch, so that a stage started by a test can import it in a blink."""
+"""Faults injected into prepare's decoding workers (inherited through fork), and files this
+process may not read. A module of its own, without torch, so that a stage started by a test
+can import it in a blink."""
 from __future__ import annotations
 
 import os
@@ -29,3 +30,33 @@ def dying_decoder(flag: Path, after: int, action: str):
         return decode_image(data, size)
 
     return decode
+
+
+def deny(path, monkeypatch) -> str:
+    """Make `path` (a file or folder) unreadable to this process: chmod 000, which is the real
+    check, and, where that does not stop this process (root reads anything, and CI containers
+    run tests as root), open() and os.scandir() raising the PermissionError the kernel would
+    raise for anyone else. Returns "chmod" or "simulated", for the test's own messages."""
+    import builtins
+    import os
+
+    path = os.path.abspath(path)
+    os.chmod(path, 0)  # pytest's tmp_path clean-up restores modes it needs
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            open(path, "rb").close()
+    except PermissionError:
+        return "chmod"
+
+    def denied(file) -> bool:
+        return isinstance(file, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(file)) == path
+
+    def no_access(file):
+        raise PermissionError(13, "Permission denied", os.fsdecode(file))
+
+    real_open, real_scandir = builtins.open, os.scandir
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: no_access(file) if denied(file) else real_open(file, *a, **k))
+    monkeypatch.setattr(os, "scandir", lambda top=".": no_access(top) if denied(top) else real_scandir(top))
+    return "simulated"

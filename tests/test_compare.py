@@ -13,7 +13,7 @@ from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from hmnist.metrics import paired_bootstrap, verdict
 
-from conftest import BIN, run
+from conftest import BIN, make_project, run
 
 COLUMNS = [c.upper() for c in CLASSES]
 
@@ -103,6 +103,32 @@ def test_errors(runs, tmp_path, capsys, monkeypatch):
         assert code == 2, (args, out, err)
         assert err.startswith("error: ") and message in err, err
         assert len(err.strip().splitlines()) == 1, err
+    for seed in ("-1", "4294967296"):  # before any run is read: argparse's usage and one error line
+        code, out, err = in_process(capsys, runs["weak"], runs["strong"], "--seed", seed)
+        assert code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].endswith(f"argument --seed: must be between 0 and 4294967295, got {seed}"), err
+    code, out, err = in_process(capsys, runs["weak"], runs["strong"], "--resamples", "50")
+    assert code == 2 and err.strip().splitlines()[-1].endswith("argument --resamples: must be at least 100, got 50"), err
+
+
+def test_a_revision_with_no_run_says_how_to_get_one(synthetic_zip, tmp_path, capsys):
+    """The README's `hmnist compare main ...` on a fresh clone, where main has no dvc.lock: the
+    message says to run and name experiments or commit a run, not `dvc exp pull`, which cannot help."""
+    from hmnist.commands.cli import main as hmnist_main
+
+    project = make_project(tmp_path / "project", synthetic_zip)  # committed, never run
+    run(["git", "branch", "-M", "main"], project)
+    expected = ("error: main has no finished run: its dvc.lock records no evaluate stage (a fresh clone's main has "
+                "none). Name experiments and compare those (`dvc exp run -n baseline`, `dvc exp run -n other -S ...`, "
+                "`hmnist compare baseline other`), or commit a finished run first (`dvc repro`, then "
+                "`git add -A && git commit`)")
+    for command in (["compare", "main", "main", "--repo", project],
+                    ["report", "main", "--repo", project, "-o", tmp_path / "report.html"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            hmnist_main([str(a) for a in command])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip() == expected, command[0]
 
 
 def test_old_predictions_take_the_truth_from_their_split():

@@ -34,7 +34,7 @@ def test_three_folds(project, tmp_path, capsys):
     params["cv"] = {"folds": 3, "other_folds": [1, 2]}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # a run that stopped after fold 1 (a crash, Ctrl-C): the next run does not redo fold 1
-    assert ran(run(["dvc", "repro", "train_fold@1"], project).stdout) == ["split", "train_fold@1"]
+    assert ran(run(["dvc", "repro", "train_fold@1"], project).stdout) == ["check_params", "split", "train_fold@1"]
     assert ran(run(["dvc", "repro"], project).stdout) == ["train", "train_fold@2", "evaluate"]
     assert digest(project / "data/split.csv") == split_one_fold  # the test split does not change with K
 

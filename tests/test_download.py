@@ -28,6 +28,8 @@ from hmnist.stages.download import ENDPOINT_VARIABLE, METADATA, download
 from hmnist.errors import UserError
 from hmnist.synthetic import write_dataset
 
+from faults import deny
+
 REPO = Path(__file__).resolve().parents[1]
 USERNAME = "hmnist-tester"
 # Distinctive, so that finding them anywhere in the output means they leaked.
@@ -339,6 +341,42 @@ def test_sources_that_are_not_ham10000(tmp_path):
     for source in (tmp_path / "other.zip", tmp_path / "parent"):
         with pytest.raises(UserError, match=f"does not look like the HAM10000 Kaggle dataset.*{METADATA}"):
             download(DataConfig(source=str(source)), tmp_path / "raw" / "out.zip")
+
+
+
+def test_sources_one_folder_down_name_the_folder(synthetic_zip, tmp_path):
+    """A zip whose metadata sits in a folder, or a folder holding the dataset's folder: the
+    message names the folder where the metadata was found, and what to do."""
+    nested = tmp_path / "nested.zip"
+    with zipfile.ZipFile(synthetic_zip) as old, zipfile.ZipFile(nested, "w") as new:
+        for name in old.namelist():
+            new.writestr(f"ham10000/{name}", old.read(name))
+    with pytest.raises(UserError, match=rf"^data.source: {nested} holds {METADATA} in its folder ham10000/, not at its "
+                                        r"top level as the Kaggle zip does: unzip it and set data.source to the "
+                                        r"unpacked ham10000 folder$"):
+        download(DataConfig(source=str(nested)), tmp_path / "raw" / "out.zip")
+    write_dataset(tmp_path / "outer" / "ham", n_lesions=42)
+    with pytest.raises(UserError, match=rf"^data.source: {tmp_path / 'outer'} does not look like the HAM10000 Kaggle "
+                                        rf"dataset \(no {METADATA} in it; it is in {tmp_path / 'outer' / 'ham'}: set "
+                                        r"data.source to that folder\)$"):
+        download(DataConfig(source=str(tmp_path / "outer")), tmp_path / "raw" / "out.zip")
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["zip", "file in folder", "subfolder"])
+def test_unreadable_sources_say_permission_denied(what, synthetic_zip, tmp_path, monkeypatch):
+    folder = tmp_path / "ham10000"
+    write_dataset(folder, n_lesions=42)
+    if what == "zip":
+        source = denied = tmp_path / "copy.zip"
+        source.write_bytes(synthetic_zip.read_bytes())
+    else:
+        source = folder
+        denied = folder / METADATA if what == "file in folder" else next(p for p in folder.iterdir() if p.is_dir())
+    how = deny(denied, monkeypatch)
+    with pytest.raises(UserError, match=rf"^cannot read {denied}: permission denied$"):
+        download(DataConfig(source=str(source)), tmp_path / "raw" / "out.zip")
+    assert list((tmp_path / "raw").iterdir()) == [], how
 
 
 # --- the command line ----------------------------------------------------------------------------

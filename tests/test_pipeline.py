@@ -14,7 +14,7 @@ from conftest import BIN, run
 from hmnist.synthetic import image_folder
 
 pytestmark = pytest.mark.slow
-STAGES = ("download", "prepare", "split", "train", "evaluate")
+STAGES = ("check_params", "download", "prepare", "split", "train", "evaluate")
 
 
 def ran(output: str) -> list[str]:
@@ -65,11 +65,12 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
     second = run(["dvc", "repro"], project)
     assert ran(second.stdout) == [] and "up to date" in second.stdout.lower()
 
-    # another model's settings are not this run's params: nothing to do
+    # another model's settings are not this run's params: nothing to do but check the file
     other = yaml.safe_load((project / "params.yaml").read_text())
     other["models"]["swin"]["lr"] = 1e-3
     (project / "params.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
-    assert "up to date" in run(["dvc", "status"], project).stdout.lower()
+    assert list(json.loads(run(["dvc", "status", "--json"], project).stdout)) == ["check_params"]
+    assert ran(run(["dvc", "repro"], project).stdout) == ["check_params"]
 
     # a git remote for the commits and experiment refs, a DVC remote (a folder) for the data
     origin = tmp_path / "origin.git"
@@ -79,8 +80,9 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "deit baseline"], project)
     run(["dvc", "push"], project)  # the baseline's outputs, before an experiment changes the workspace
+    bad_values_keep_the_outputs(project)
     exp = run(["dvc", "exp", "run", "-S", "model=resnet9", "-n", "resnet9-exp"], project)
-    assert ran(exp.stdout) == ["train", "evaluate"]
+    assert ran(exp.stdout) == ["check_params", "train", "evaluate"]
     resnet9 = json.loads((project / "metrics/metrics.json").read_text())
     assert resnet9["model"] == "resnet9"
     # the synthetic classes are learnable: two tiny epochs already beat chance (1/7) by far
@@ -103,6 +105,30 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
 
     compared = compare_experiments(project, tmp_path)
     share_experiment(project, tmp_path, compared)
+
+
+def bad_values_keep_the_outputs(project) -> None:
+    """Issue 28: `dvc exp run -S models.deit.lr=-1` failed in train, after DVC had removed the
+    model, metrics and plots; `epochs=true` passed DVC's params comparison (true == 1) and
+    recorded an experiment. check_params stops both before any other stage, outputs untouched,
+    and `git checkout params.yaml && dvc checkout` is the whole way back."""
+    outputs = ("models/model.pt", "metrics/metrics.json", "dvclive/metrics.json", "plots/roc.png",
+               "predictions/test.csv")
+    before = {path: (project / path).read_bytes() for path in outputs}
+    experiments = run(["dvc", "exp", "list", "--name-only"], project).stdout
+    for value, message in (("models.deit.lr=-1", "models.deit.lr must be positive, got -1.0"),
+                           ("models.deit.epochs=true", "models.deit.epochs must be int, got True")):
+        bad = run(["dvc", "exp", "run", "-S", value], project, check=False)
+        assert bad.returncode != 0
+        assert ran(bad.stdout) == ["check_params"], bad.stdout
+        assert (f"error: params.yaml: {message} (checked before any later stage ran, so their outputs are as "
+                "they were: `git checkout params.yaml` takes back this and any other `-S` values)") in bad.stdout + bad.stderr
+        assert "Traceback" not in bad.stdout + bad.stderr
+        assert {path: (project / path).read_bytes() for path in outputs} == before, value
+        run(["git", "checkout", "params.yaml"], project)
+    assert run(["dvc", "exp", "list", "--name-only"], project).stdout == experiments  # none recorded
+    run(["dvc", "checkout"], project)  # check_params's own output, which DVC removed before it ran
+    assert "up to date" in run(["dvc", "status"], project).stdout.lower()
 
 
 def hmnist_compare(cwd, *args, check=True):

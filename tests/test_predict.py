@@ -486,3 +486,105 @@ def test_evaluate_writes_each_output_whole(trained, tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err.strip().endswith("error: cannot write plots/roc.png: No space left on device")
     assert (project / "plots/roc.png").read_bytes() == before
     assert not list(project.rglob("*.partial"))
+
+
+def saved(image: Image.Image, path: Path, format: str = "PNG") -> Path:
+    image.save(path, format)  # a TIFF under a .png name too: PIL goes by the content
+    return path
+
+
+def test_high_bit_depth_images_scale_to_8_bits(tmp_path):
+    """16-bit greyscale (a PNG from a scanner, a TIFF in either byte order) decodes as its 8-bit
+    equivalent, not clipped to white; LA and PA keep their colours; 32-bit integer and float
+    images, whose range is unknown, are refused, never guessed."""
+    from hmnist.data import decode_image
+
+    grey = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint8)
+    wide = grey.astype(np.uint16) * 257  # the same brightness on the 16-bit scale
+    expected = decode_image(saved(Image.fromarray(grey, "L"), tmp_path / "grey8.png").read_bytes(), 32)
+    sixteen = {"I;16 PNG": saved(Image.fromarray(wide), tmp_path / "a.png"),
+               "I;16 TIFF": saved(Image.fromarray(wide), tmp_path / "b.png", "TIFF"),
+               "I;16B TIFF": saved(Image.frombytes("I;16B", (64, 48), wide.astype(">u2").tobytes()),
+                                   tmp_path / "c.png", "TIFF")}
+    for name, path in sixteen.items():
+        with Image.open(path) as opened:
+            assert opened.mode == name.split()[0], name  # the mode the test means to exercise
+        np.testing.assert_array_equal(decode_image(path.read_bytes(), 32), expected, err_msg=name)
+    alpha = np.full_like(grey, 100)
+    la = saved(Image.fromarray(np.stack([grey, alpha], -1), "LA"), tmp_path / "la.png")
+    np.testing.assert_array_equal(decode_image(la.read_bytes(), 32), expected)
+    palette = Image.fromarray(grey, "L").convert("P")
+    pa = saved(palette.convert("PA"), tmp_path / "pa.png", "TIFF")
+    with Image.open(pa) as opened:
+        assert opened.mode == "PA"
+    np.testing.assert_array_equal(decode_image(pa.read_bytes(), 32), np.array(palette.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)))
+    for kind, mode, array in (("a 32-bit integer image", "I", wide.astype(np.int32)),
+                              ("a floating-point image", "F", wide.astype(np.float32))):
+        path = saved(Image.fromarray(array), tmp_path / f"{mode}.png", "TIFF")
+        with pytest.raises(ValueError, match=rf"^{kind} \(PIL mode {mode}\) has no fixed brightness range to scale to 8 bits: "
+                                             "save it as an 8- or 16-bit PNG, or a JPEG$"):
+            decode_image(path.read_bytes(), 32)
+
+
+def test_predict_16_bit_png_as_its_8_bit_twin(model, tmp_path):
+    """The issue's case end to end: a 16-bit greyscale PNG is classified as its 8-bit twin, not
+    as a blank white image."""
+    grey = np.random.default_rng(1).integers(0, 256, (96, 128), dtype=np.uint8)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(grey, "L").save(folder / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen.png")
+    Image.new("L", (128, 96), 255).save(folder / "white.png")
+    frame = model.predict(folder).set_index("image")
+    np.testing.assert_allclose(frame.loc["sixteen"], frame.loc["eight"], atol=1e-6)
+    assert np.abs(frame.loc["sixteen"] - frame.loc["white"]).max() > 1e-4
+    path = saved(Image.fromarray(grey.astype(np.float32)), folder / "float.png", "TIFF")
+    with pytest.raises(UserError, match=rf"^{path}: cannot decode it as an image: a floating-point image"):
+        model.predict(path)
+
+
+def test_broken_symbolic_links_are_named_or_skipped(trained, model, images, tmp_path, capsys):
+    """A dangling link and a link to itself in a folder: without --skip-bad the error names the
+    broken link; with it both are skipped with a warning and the other images classified."""
+    good = sorted(p.stem for p in images.rglob("*") if p.is_file() and ".hidden" not in p.parts
+                  and p.suffix != ".txt" and not p.name.startswith("."))
+    dangling, loop = images / "gone.jpg", images / "a" / "loop.png"
+    dangling.symlink_to(images / "nowhere.jpg")
+    loop.symlink_to(loop)
+    checkpoint = str(trained / "models/model.pt")
+    line = main_error(capsys, "--checkpoint", checkpoint, "--device", "cpu", str(images), "--out", str(tmp_path / "x.csv"))
+    assert line == (f"error: {loop}: a broken symbolic link: it leads to itself, in a loop "
+                    "(skip unreadable files with --skip-bad)")
+    with pytest.raises(UserError, match=rf"^{dangling}: a broken symbolic link: its target {images / 'nowhere.jpg'} "
+                                        r"does not exist \(skip unreadable files with --skip-bad\)$"):
+        model.predict(dangling)
+    out = tmp_path / "good.csv"
+    predict_module.main(["--checkpoint", checkpoint, "--device", "cpu", "--skip-bad", str(images), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert f"warning: skipping {dangling}: a broken symbolic link" in stderr
+    assert f"warning: skipping {loop}: a broken symbolic link" in stderr
+    assert_submission(pd.read_csv(out), good)
+
+
+def test_output_path_checked_before_any_work(tmp_path, capsys):
+    """--out a folder, or somewhere no file can be made: one line before the checkpoint is even
+    read (here it does not exist, and that error would come first otherwise)."""
+    from hmnist.data import check_writable
+
+    image = tmp_path / "in" / "ISIC_1.png"
+    image.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(image)
+    missing = str(tmp_path / "no_such.pt")
+    line = main_error(capsys, "--checkpoint", missing, str(image), "--out", str(tmp_path))
+    assert line == f"error: cannot write {tmp_path}: it is a folder (give a file in it, e.g. {tmp_path / 'predictions.csv'})"
+    (tmp_path / "plain").write_text("a file where a folder should be")
+    line = main_error(capsys, "--checkpoint", missing, str(image), "--out", str(tmp_path / "plain" / "sub" / "p.csv"))
+    assert line == f"error: cannot write {tmp_path / 'plain/sub/p.csv'}: {tmp_path / 'plain'} is not a folder"
+    if Path("/proc/self").is_dir():  # Linux: a file system that makes no files, even for root
+        line = main_error(capsys, "--checkpoint", missing, str(image), "--out", "/proc/x.csv")
+        assert line == "error: cannot write /proc/x.csv: cannot create a file in /proc (no files can be made there)"
+    before = sorted(tmp_path.rglob("*"))
+    check_writable(tmp_path / "new" / "deeper" / "p.csv", "predictions.csv")  # folders write_whole would make
+    assert sorted(tmp_path.rglob("*")) == before  # the check itself leaves nothing behind
+    line = main_error(capsys, "--checkpoint", missing, str(image), "--out", str(tmp_path / "new" / "p.csv"))
+    assert "checkpoint" in line and "not found" in line  # a writable path: on to the checkpoint

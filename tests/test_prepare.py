@@ -399,3 +399,42 @@ def test_a_disk_that_fills_after_the_check_is_the_same_one_line(synthetic_zip, s
     with pytest.raises(UserError, match=rf"^no space left on device: the cache needs .* MB in {small_disk}"):
         prepare(synthetic_zip, small_disk, size=64, workers=1)
     assert_no_output(small_disk)
+
+
+def test_damaged_cache_is_named_with_its_recovery(prepared, tmp_path, monkeypatch):
+    """A cache cut short (or with a garbled header) is one line naming the file, what is wrong,
+    and the recovery: with a dvc.lock, the DVC cache object linked to it that must go too."""
+    folder = tmp_path / "data/prepared"
+    shutil.copytree(prepared, folder)
+    images = folder / "images.npy"
+    whole = images.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    relative = Path("data/prepared/images.npy")
+
+    images.write_bytes(whole[:len(whole) - 1000])
+    with pytest.raises(UserError, match=rf"^{relative} is damaged \({len(whole) - 1000:,} bytes where its "
+                                        rf"header's \d+x{SIZE}x{SIZE}x3 images need {len(whole):,}\): delete it, "
+                                        r"and DVC's cache object linked to it if any \(docs/data.md#a-damaged-prepared-cache\), "
+                                        r"then run dvc repro prepare$"):
+        load_prepared(Path("data/prepared"))
+    Path("dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare": {"outs": [
+        {"path": "data/prepared/images.npy", "md5": "d5816f35916d1d9482fb0f1ec201101d", "size": len(whole)}]}}}))
+    with pytest.raises(UserError, match=rf"and so is DVC's cache object when linked to it \(this project's cache.type\): "
+                                        rf"rm -f {relative} \.dvc/cache/files/md5/d5/816f35916d1d9482fb0f1ec201101d, "
+                                        r"then run dvc repro prepare$"):
+        load_prepared(Path("data/prepared"))
+
+    images.write_bytes(whole[:20])
+    with pytest.raises(UserError, match=r"is damaged \(its .npy header is unreadable: "):
+        load_prepared(Path("data/prepared"))
+    header = whole[:whole.index(b"\n") + 1]
+    images.write_bytes(header.replace(b"'|u1'", b"'<f4'") + whole[len(header):])
+    with pytest.raises(UserError, match=r"is damaged \(its header says float32 \d+x32x32x3, not N x size x size x 3 uint8\)"):
+        load_prepared(Path("data/prepared"))
+
+    images.write_bytes(whole)
+    index = pd.read_csv(folder / "index.csv")
+    index.iloc[:-1].to_csv(folder / "index.csv", index=False)
+    with pytest.raises(UserError, match=rf"images.npy holds {len(index)} images but index.csv lists {len(index) - 1}: "
+                                        "run the prepare stage again"):
+        load_prepared(Path("data/prepared"))

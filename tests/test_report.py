@@ -146,6 +146,22 @@ def test_missing_run_and_checkpoint(two_runs):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+
+def test_output_path_checked_before_any_run_is_read(tmp_path, capsys):
+    """-o an existing folder or a place no file can be made: one line before the runs are read
+    (they do not exist here, and that error would come first otherwise)."""
+    from hmnist.commands import report as report_module
+
+    cases = {str(tmp_path): f"cannot write {tmp_path}: it is a folder (give a file in it, e.g. {tmp_path / 'report.html'})"}
+    if Path("/proc/self").is_dir():
+        cases["/proc/x.html"] = "cannot write /proc/x.html: cannot create a file in /proc (no files can be made there)"
+    for out, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            report_module.main(["no-such-run", "-o", out, "--repo", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err == f"error: {message}\n", err
+
+
 # -- in a real browser ---------------------------------------------------------------------------
 
 PROBE = """<script>

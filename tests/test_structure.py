@@ -75,7 +75,12 @@ def closure(module: str) -> set[str]:
 
 
 def test_the_stage_modules_are_the_ones_dvc_runs():
-    assert set(STAGES.values()) == {f"stages.{m}" for m in ("download", "prepare", "split", "train", "evaluate")}
+    assert set(STAGES.values()) == {f"stages.{m}" for m in ("check_params", "download", "prepare", "split", "train",
+                                                            "evaluate")}
+    # check_params reads params.yaml as a file (any edit re-runs it), and split, upstream of train
+    # and evaluate, waits for its output: a bad value stops a run before DVC deletes their outputs
+    assert "params.yaml" in DEFS["check_params"]["deps"] and "params" not in DEFS["check_params"]
+    assert DEFS["check_params"]["outs"] == ["data/params_checked.txt"] and "data/params_checked.txt" in DEFS["split"]["deps"]
 
 
 def test_the_tree_shows_the_architecture():
@@ -201,3 +206,19 @@ def test_the_tracking_sees_a_read():
     assert dataclasses.asdict(params.split)["seed"] == 42
     assert {"model", "models.resnet9.lr", "train.device", "split.seed", "split.val"} <= seen
     assert "data.source" not in seen
+
+
+def test_the_readmes_cpu_install_pins_what_pyproject_pins():
+    """The README installs PyTorch's CPU build at explicit versions before the project: pins
+    other than pyproject.toml's would make pip replace it with PyPI's CUDA build (or fail)."""
+    import re
+    import tomllib
+
+    pins = dict(re.fullmatch(r"(torch|torchvision)==(\S+)", d).groups()
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                if re.fullmatch(r"(torch|torchvision)==\S+", d))
+    assert set(pins) == {"torch", "torchvision"}
+    command = next(line for line in (REPO / "README.md").read_text().splitlines()
+                   if "download.pytorch.org/whl/cpu" in line)
+    assert command.split() == ["pip", "install", f"torch=={pins['torch']}", f"torchvision=={pins['torchvision']}",
+                               "--index-url", "https://download.pytorch.org/whl/cpu"]

@@ -323,6 +323,23 @@ def test_training_learns(data, synthetic_zip):
     assert meta["input_size"] == 32 and meta["prepare_size"] == 32
 
 
+def test_a_resize_above_the_cache_is_said_once(data, synthetic_zip, capsys):
+    """models.<name>.resize above prepare.size trains on upsampled images (issue 28: 3.8x the time,
+    no notice): the run says so once, with both fixes; at or below the cache's side it says nothing."""
+    images, index, split = data  # a 32 px cache
+    raw = mechanics(synthetic_zip)
+    raw["models"]["resnet9"].update(resize=48, epochs=2)
+    train(parse_params(raw), images, index, split)
+    err = capsys.readouterr().err
+    notice = ("notice: models.resnet9.resize is 48 but the prepared images are 32 px (prepare.size): the model "
+              "trains on them upsampled, with no more detail than 32 px, at 2.2x the pixels per image; for the "
+              "detail set prepare.size to 48, for the speed models.resnet9.resize to 32")
+    assert err.count(notice) == 1, err
+    raw["models"]["resnet9"].update(resize=32)
+    train(parse_params(raw), images, index, split)
+    assert "notice: models.resnet9.resize" not in capsys.readouterr().err
+
+
 def test_calibration_and_thresholds_come_from_the_validation_split_alone(data, synthetic_zip, monkeypatch):
     """The checkpoint's calibration is the one fitted on the validation images' probabilities
     (with the model's TTA): fitting it again on those alone gives it exactly, and the images it

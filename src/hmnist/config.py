@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from hmnist.errors import UserError
+from hmnist.errors import MAX_SEED, UserError
 
 PARAMS_FILE = "params.yaml"
 YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent without a dot: not a float to PyYAML
@@ -354,6 +354,10 @@ def _validate(p: Params) -> None:
              f"{where}.classes must be distinct classes of {', '.join(CLASSES)}, got {op.classes!r}")
         need(len(op.classes) < len(CLASSES), f"{where}.classes cannot be every class: every image would be flagged")
         need(0 < op.sensitivity < 1, f"{where}.sensitivity must be between 0 and 1 (exclusive), got {op.sensitivity}")
+    for key, seed in (("split.seed", p.split.seed), ("train.seed", t.seed),
+                      ("evaluate.bootstrap_seed", p.evaluate.bootstrap_seed)):
+        need(0 <= seed <= MAX_SEED, f"{key} must be between 0 and {MAX_SEED} (2**32 - 1), got {seed}")
+
 
 def _check_fields(fields: list[str], where: str) -> None:
     for name in fields:

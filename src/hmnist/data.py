@@ -19,6 +19,8 @@ from hmnist.errors import UserError, first_line
 if TYPE_CHECKING:
     import pandas as pd
 
+# check_params -> split: a fixed text, written once params.yaml passed its checks (see stages/check_params.py)
+PARAMS_CHECKED = Path("data/params_checked.txt")
 # download -> prepare
 ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
 # prepare -> split, train, evaluate: images.npy is N x size x size x 3 uint8 RGB, index.csv's
@@ -79,12 +81,38 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
             # at least size x size: 600x450 decodes as 300x225 for size 224, and the resize
             # then reads a quarter of the pixels. A no-op for formats other than JPEG.
             image.draft("RGB", (size, size))
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            rgb = _as_rgb(image)
             # np.array, not asarray: a writable array the caller owns
             return np.array(rgb.resize((size, size), RESAMPLE))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         # UnidentifiedImageError and "image file is truncated" are OSErrors
         raise ValueError(str(e) or type(e).__name__) from None
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, on its own brightness scale.
+
+    PIL's convert("RGB") clips every value of a 16-bit greyscale image (modes I;16, I;16B, and I
+    as older Pillow opens a 16-bit PNG) to 255: all but the darkest scanner or medical export
+    would turn white, and the model would answer for a blank image without a word. Those are
+    scaled by 255/65535 instead. A 32-bit integer or floating-point image (a TIFF under a .png
+    name: PIL goes by the content) has no fixed range to scale from, so it is refused rather
+    than guessed. Modes with alpha (LA, PA, RGBA) and palettes keep their colours; the alpha
+    is dropped, as HAM10000's own images have none. ValueError for a mode refused.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):  # a PNG holds at most 16 bits
+        grey = np.asarray(image).astype(np.int64)
+        if grey.max(initial=0) > 65535 or grey.min(initial=0) < 0:  # cannot happen for these modes: a guard
+            raise ValueError(f"a {mode} image with values outside 0-65535")
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F"):
+        kind = "a 32-bit integer" if mode == "I" else "a floating-point"
+        raise ValueError(f"{kind} image (PIL mode {mode}) has no fixed brightness range to scale to 8 bits: "
+                         "save it as an 8- or 16-bit PNG, or a JPEG")
+    return image.convert("RGB")
 
 
 def load_prepared(folder: str | Path = PREPARED) -> tuple[np.ndarray, pd.DataFrame]:
@@ -95,14 +123,65 @@ def load_prepared(folder: str | Path = PREPARED) -> tuple[np.ndarray, pd.DataFra
 
     folder = Path(folder)
     try:
-        images = np.load(folder / IMAGES_FILE, mmap_mode="r")
         index = pd.read_csv(folder / INDEX_FILE, dtype={"image_id": str, "lesion_id": str, "dx": str, "label": int})
+        rows = check_cache_file(folder / IMAGES_FILE)
     except FileNotFoundError as e:
         raise UserError(f"{e.filename} not found: run the prepare stage first (dvc repro prepare)") from None
-    if len(images) != len(index):
-        raise UserError(f"{folder}: {IMAGES_FILE} holds {len(images)} images but {INDEX_FILE} lists {len(index)}: "
+    if rows != len(index):
+        raise UserError(f"{folder}: {IMAGES_FILE} holds {rows} images but {INDEX_FILE} lists {len(index)}: "
                         "run the prepare stage again")
-    return images, index
+    return np.load(folder / IMAGES_FILE, mmap_mode="r"), index
+
+
+def check_cache_file(path: Path) -> int:
+    """The number of images in the prepared cache at `path`, after checking that its header reads
+    as N x size x size x 3 uint8 and that the file is as long as that header says.
+
+    np.load memory-maps a truncated file with numpy's "mmap length is greater than file size"
+    traceback, and a file cut to the length of a smaller shape would read as wrong pixels. With
+    DVC's linked cache (.dvc/config: cache.type hardlink) the file in the workspace *is* the
+    cache object, so an edit in place damages both, and DVC, which trusts its cache, links the
+    damaged file back on every checkout or `dvc repro -f`. Checking the length costs one stat;
+    hashing the whole file to catch damage that keeps its length would cost seconds per stage.
+    """
+    try:
+        with open(path, "rb") as file:
+            try:
+                version = np.lib.format.read_magic(file)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran_order, dtype = read_header(file)
+            except ValueError as e:
+                raise UserError(damaged_cache(path, f"its .npy header is unreadable: {first_line(e)}")) from None
+            length, needed = os.fstat(file.fileno()).st_size, file.tell() + int(np.prod(shape)) * dtype.itemsize
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied") from None
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise UserError(damaged_cache(path, f"its header says {dtype} {'x'.join(map(str, shape))}, "
+                                            "not N x size x size x 3 uint8"))
+    if length != needed:
+        raise UserError(damaged_cache(path, f"{length:,} bytes where its header's {'x'.join(map(str, shape))} "
+                                            f"images need {needed:,}"))
+    return int(shape[0])
+
+
+def damaged_cache(path: Path, what: str) -> str:
+    """The one-line error for a damaged cache file: what is wrong, and the recovery, naming the
+    DVC cache object to delete with it when dvc.lock (in the project root, where stages run)
+    records one. Deleting only the workspace file is not enough: DVC would link the damaged
+    object back (docs/data.md, "A damaged prepared cache")."""
+    import yaml
+
+    cache_object = None
+    with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, StopIteration):
+        outs = yaml.safe_load(Path("dvc.lock").read_text())["stages"]["prepare"]["outs"]
+        md5 = next(out["md5"] for out in outs if Path(out["path"]) == path)
+        cache_object = Path(".dvc/cache/files/md5", md5[:2], md5[2:])
+    if cache_object is not None:
+        return (f"{path} is damaged ({what}), and so is DVC's cache object when linked to it (this project's "
+                f"cache.type): rm -f {path} {cache_object}, then run dvc repro prepare")
+    return (f"{path} is damaged ({what}): delete it, and DVC's cache object linked to it if any "
+            f"(docs/data.md#a-damaged-prepared-cache), then run dvc repro prepare")
 
 
 def write_whole(path: Path, write: Callable[[Path], None]) -> None:
@@ -118,6 +197,30 @@ def write_whole(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):  # when the folder could not be made, neither can this: e is the cause
             partial.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+
+
+def check_writable(path: Path, example: str) -> None:
+    """Fail now, in one line, if write_whole could not write `path`: a command checks its output
+    before minutes of inference, not after. `example`: a file name to suggest when `path` is a
+    folder. Creates nothing: the test file is an unnamed temporary (O_TMPFILE where supported)
+    in the deepest existing folder on the way, since write_whole makes the missing ones."""
+    import errno
+    import tempfile
+
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder (give a file in it, e.g. {path / example})")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        # /proc and the like refuse to create files with ENOENT, a reason that would mislead
+        reason = "no files can be made there" if e.errno == errno.ENOENT else (e.strerror or first_line(e))
+        raise UserError(f"cannot write {path}: cannot create a file in {folder} ({reason})") from None
 
 
 def load_split(path: str | Path = SPLIT) -> pd.DataFrame:

@@ -24,8 +24,14 @@ def first_line(e: BaseException, empty: str = "no details") -> str:
     return text.splitlines()[0][:200] if text else empty
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `minimum`, or argparse's one-line usage error."""
+# The range of every seed (params.yaml's and the commands' --seed): numpy's legacy RandomState,
+# which scikit-learn seeds with, takes no more; -1 or 2**64 would fail inside numpy or torch.
+MAX_SEED = 2**32 - 1
+
+
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum` (and at most `maximum`), or
+    argparse's one-line usage error."""
     import argparse
 
     def whole_number(text: str) -> int:
@@ -33,11 +39,20 @@ def at_least(minimum: int) -> Callable[[str], int]:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be between {minimum} and {maximum}, got {value}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
 
     return whole_number
+
+
+def description(doc: str | None, fallback: str = "") -> str:
+    """A module docstring's first paragraph on one line: a command's `--help` description. Its
+    first line alone stops mid-sentence wherever the sentence wraps."""
+    paragraph = (doc or fallback).strip().split("\n\n")[0]
+    return " ".join(paragraph.split())
 
 
 def cli(main: Callable[..., object]) -> Callable[..., object]:

@@ -33,10 +33,19 @@ PROB_COLUMNS = [c.upper() for c in CLASSES]
 
 
 def pull_hint(spec: str) -> str:
-    """How to get a run's DVC outputs that are not here."""
+    """How to get a run's DVC outputs that are not here (the run finished: its dvc.lock says so)."""
     if spec == WORKSPACE:
         return "`dvc pull` it, or run `dvc repro`"
     return f"`dvc exp pull origin {spec}` (an experiment) or `dvc pull` at it (a commit), or re-run its failed stage"
+
+
+def never_ran(spec: str) -> str:
+    """A revision with no run to pull: `dvc exp pull` cannot help, a run can. The README's own
+    examples name `main`, which on a fresh clone is such a revision."""
+    return (f"{spec} has no finished run: its dvc.lock records no evaluate stage (a fresh clone's main has none). "
+            "Name experiments and compare those (`dvc exp run -n baseline`, `dvc exp run -n other -S ...`, "
+            "`hmnist compare baseline other`), or commit a finished run first (`dvc repro`, then "
+            "`git add -A && git commit`)")
 
 
 class Run:
@@ -49,6 +58,21 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.spec!r})"
+
+    def lock(self) -> dict:
+        """The run's dvc.lock ({} if it has none): which stages finished there, with their outputs' hashes."""
+        import yaml
+
+        try:
+            return yaml.safe_load(self.read("dvc.lock")) or {}
+        except FileNotFoundError:
+            return {}
+
+    def check_finished(self) -> None:
+        """A revision whose dvc.lock has no evaluate stage has nothing to read or pull: say so
+        first, not that a file is missing."""
+        if self.commit is not None and "evaluate" not in (self.lock().get("stages") or {}):
+            raise UserError(never_ran(self.spec))
 
     def read(self, path: str, mode: str = "r") -> str | bytes:
         """A file of the run, git-tracked or a DVC output. FileNotFoundError if it has none."""
@@ -72,18 +96,13 @@ class Run:
         """A DVC output of the run as a file on this disk, to memory-map or load: the working
         tree's, or its copy in the DVC cache (found through the revision's dvc.lock). A UserError
         saying how to get it when it is not here."""
-        import yaml
-
         if self.commit is None:
             file = Path(self.repo) / path
             if file.is_file():
                 return file
             raise UserError(f"{self.spec} has no {path}: {pull_hint(self.spec)}")
-        try:
-            lock = yaml.safe_load(self.read("dvc.lock")) or {}
-        except FileNotFoundError:
-            lock = {}
-        md5 = next((out.get("md5") for stage in lock.get("stages", {}).values()
+        self.check_finished()
+        md5 = next((out.get("md5") for stage in (self.lock().get("stages") or {}).values()
                     for out in stage.get("outs", []) if out.get("path") == path), None)
         if md5 is None:
             raise UserError(f"{self.spec} has no {path} (its stage never finished there): {pull_hint(self.spec)}")
@@ -140,6 +159,7 @@ def read_run(spec: str, repo: str = ".", predictions: str = PREDICTIONS) -> pd.D
 def run_predictions(run: Run, predictions: str = PREDICTIONS) -> pd.DataFrame:
     """read_run of a Run: its predictions/test.csv (or `predictions`), with the truth from
     data/split.csv for the predictions of an older evaluate stage (no dx column)."""
+    run.check_finished()
     try:
         frame = _read_csv(run.read(predictions), run.spec)
     except FileNotFoundError as e:

@@ -36,6 +36,7 @@ from hmnist.augment import Augment, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, load_params
 from hmnist.engine import (SmoothedCrossEntropy, autocast, backward_batch, class_weights, epoch_batches,
                            param_groups, resolve_device, to_device)
+from hmnist.errors import description
 from hmnist.models import create_model, data_config
 from hmnist.synthetic import write_dataset
 
@@ -261,7 +262,7 @@ def bench_repro(models: list[str], n_images: int, workers: int, keep: Path | Non
 
     result: dict[str, Any] = {"runner": runner, "models": {}}
     (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": models[0]}, sort_keys=False))
-    result["data_stages_seconds"] = {stage: run(stage) for stage in ("download", "prepare", "split")}
+    result["data_stages_seconds"] = {stage: run(stage) for stage in ("check_params", "download", "prepare", "split")}
     result["images"] = len((project / "data/prepared/index.csv").read_text().splitlines()) - 1
     for name in models:
         (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": name}, sort_keys=False))
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--model", default="deit", help="an entry of models: in params.yaml")
     parser.add_argument("--ways", default="model,pipeline,notebook",
                         help="which of model,pipeline,input,notebook (input: our input pipeline alone)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from hmnist.errors import cli
+from hmnist.errors import cli, description
 
 # name -> (module, one-line help). Modules keep their heavy imports (torch, timm) inside
 # functions, so building the parser, and `hmnist --help`, stays fast.
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, summary) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        sub = commands.add_parser(name, help=summary, description=(module.__doc__ or summary).splitlines()[0])
+        sub = commands.add_parser(name, help=summary, description=description(module.__doc__, summary))
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser

@@ -38,7 +38,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from hmnist.errors import at_least, cli
+from hmnist.errors import MAX_SEED, at_least, cli, description
 from hmnist.runs import (OOF, PREDICTIONS, PROB_COLUMNS, check_same_test_set, parse_recipe, read_operating_points,
                          read_recipe)
 
@@ -120,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON, for scripts")
     parser.add_argument("--resamples", type=at_least(100), default=2000,
                         help="paired lesion resamples (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the resampling seed (default: %(default)s)")
+    parser.add_argument("--seed", type=at_least(0, MAX_SEED), default=0,
+                        help=f"the resampling seed, 0 to {MAX_SEED} (default: %(default)s)")
     parser.add_argument("--oof", action="store_true",
                         help="compare out-of-fold predictions (runs trained with cv.folds >= 2) instead of the test split's")
     parser.add_argument("--repo", default=".", help="the DVC project whose revisions A and B name (default: .)")
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.compare", description=description(__doc__))
     add_arguments(parser)
     run(parser.parse_args(argv))
 

@@ -28,6 +28,7 @@ From Python:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from hmnist.config import CLASSES, DEVICES, TTA
-from hmnist.errors import UserError, at_least, cli
+from hmnist.errors import UserError, at_least, cli, description
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.
@@ -73,7 +74,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
                     if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
                         file = Path(folder, name)
                         found.setdefault(os.path.realpath(file), file)
-        elif path.exists():
+        elif os.path.lexists(path):  # a broken symbolic link too: read_image names it, --skip-bad skips it
             found.setdefault(os.path.realpath(path), path)
         else:
             raise UserError(f"{path}: no such file or folder")
@@ -102,6 +103,11 @@ def read_image(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
     try:
         data = path.read_bytes()
     except OSError as e:
+        if path.is_symlink():  # os.walk lists a link whatever it points at
+            if e.errno == errno.ELOOP:
+                return None, "a broken symbolic link: it leads to itself, in a loop"
+            if e.errno == errno.ENOENT:
+                return None, f"a broken symbolic link: its target {os.readlink(path)} does not exist"
         return None, f"cannot read it: {e.strerror or e}"
     try:
         return decode_image(data, size), None
@@ -408,6 +414,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     files = find_images(args.paths)  # before loading the model: a typo fails in a blink
     check_unique_names(files)
+    if args.out != "-":
+        from hmnist.data import check_writable
+
+        check_writable(Path(args.out), "predictions.csv")
     predictor = Predictor(args.checkpoint, args.device)
     result = predictor.classify(files, args.batch_size, tta=args.tta, skip_bad=args.skip_bad, progress=None,
                                 explain=args.explain, metadata=args.metadata)
@@ -434,7 +444,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.predict", description=description(__doc__))
     add_arguments(parser)
     run(parser.parse_args(argv))
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hmnist.config import CLASSES, DEVICES
-from hmnist.data import write_whole
-from hmnist.errors import UserError, at_least, cli
+from hmnist.data import check_writable, write_whole
+from hmnist.errors import MAX_SEED, UserError, at_least, cli, description
 from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
                          run_predictions)
 
@@ -343,7 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per class, how many right and how many wrong test images (default: %(default)s)")
     parser.add_argument("--resamples", type=at_least(100), default=2000,
                         help="lesion resamples of the intervals (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the resampling seed (default: %(default)s)")
+    parser.add_argument("--seed", type=at_least(0, MAX_SEED), default=0,
+                        help=f"the resampling seed, 0 to {MAX_SEED} (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the class-activation maps are computed (default: %(default)s)")
     parser.add_argument("--repo", default=".", help="the DVC project whose revisions the runs name (default: .)")
@@ -352,6 +353,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     recipes = [parse_recipe(text) for text in args.recipes]
+    check_writable(Path(args.out), "report.html")  # before minutes of reading runs and computing maps
     page = report(recipes, args.repo, args.gallery, args.resamples, args.seed, args.device, progress=True)
     path = Path(args.out)
     write_whole(path, lambda partial: partial.write_text(page, encoding="utf-8"))
@@ -361,7 +363,7 @@ def run(args: argparse.Namespace) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hmnist.commands.report", description=description(__doc__))
     add_arguments(parser)
     run(parser.parse_args(argv))
 

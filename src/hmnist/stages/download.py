@@ -62,21 +62,52 @@ def _from_local(source: Path, staged: Path) -> None:
                         f"(give the Kaggle zip, its unpacked folder, or 'kaggle')")
     if source.is_dir():
         if not (source / METADATA).is_file():
+            # one or two folders down: a folder holding the unpacked dataset's folder
+            nested = sorted(source.glob(f"*/{METADATA}")) + sorted(source.glob(f"*/*/{METADATA}"))
+            found = f"; it is in {nested[0].parent}: set data.source to that folder" if nested else ""
             raise UserError(f"data.source: {source} does not look like the HAM10000 Kaggle dataset "
-                            f"(no {METADATA} in it)")
-        _zip_folder(source, staged)
+                            f"(no {METADATA} in it{found})")
+        _zip_folder(source, _folder_files(source), staged)  # every file checked readable before minutes of zipping
         return
+    _check_readable(source)  # zipfile.is_zipfile says False for a file it may not open
     if not zipfile.is_zipfile(source):
         raise UserError(f"data.source: {source} is not a zip file (give the Kaggle zip or its unpacked folder)")
-    _check_zip(source, f"data.source: {source}", unreadable="download it again", not_ham="point data.source at it")
+    _check_zip(source, f"data.source: {source}", unreadable="download it again",
+               not_ham="give the Kaggle zip or its unpacked folder",
+               nested="unzip it and set data.source to the unpacked {folder} folder")
     try:
         os.link(source, staged)
     except OSError:  # another filesystem, or one without hard links
         shutil.copyfile(source, staged)
 
 
-def _zip_folder(folder: Path, staged: Path) -> None:
-    files = sorted(path for path in folder.rglob("*") if path.is_file())  # sorted: the same folder, the same zip
+def _check_readable(path: Path) -> None:
+    """A file the user named (or holds in data.source) that this process may not open is one
+    line naming it, not a PermissionError traceback or a misleading "not a zip file"."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied") from None
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted (the same folder, the same zip), each checked readable.
+    os.walk, not Path.rglob: rglob skips a subfolder it may not list without a word, and the
+    prepare stage would then report its images as missing from the metadata's archive."""
+    def refuse(error: OSError) -> None:
+        if isinstance(error, PermissionError):
+            raise UserError(f"cannot read {error.filename}: permission denied")
+        raise UserError(f"cannot read {error.filename}: {error.strerror or error}")  # e.g. a folder gone meanwhile
+
+    files = sorted(Path(root, name) for root, _, names in os.walk(folder, onerror=refuse) for name in names)
+    files = [path for path in files if path.is_file()]
+    for path in files:  # opening 10,015 files costs well under a second; zipping them, minutes
+        _check_readable(path)
+    return files
+
+
+def _zip_folder(folder: Path, files: list[Path], staged: Path) -> None:
     total = sum(path.stat().st_size for path in files)
     # ZIP_STORED: JPEGs do not compress, and deflating 5 GB would cost minutes for nothing.
     # strict_timestamps=False: files dated before 1980 (some copy tools do that) are not an error.
@@ -87,19 +118,27 @@ def _zip_folder(folder: Path, staged: Path) -> None:
             bar.update(path.stat().st_size)
 
 
-def _check_zip(path: Path, what: str, unreadable: str, not_ham: str) -> None:
+def _check_zip(path: Path, what: str, unreadable: str, not_ham: str, nested: str | None = None) -> None:
     """Open the central directory (cheap, even for 5 GB) and look for the metadata table.
 
     Only a light check: the prepare stage decodes every image and says exactly what is wrong.
+    `nested`, with {folder}: the fix when the table sits in a folder inside the zip (the Kaggle
+    zip has it at the top level, and prepare reads the images by that layout).
     """
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
     except (zipfile.BadZipFile, OSError):
         raise UserError(f"{what} is not a readable zip file: {unreadable}") from None
-    if METADATA not in names:
-        raise UserError(f"{what} does not look like the HAM10000 Kaggle dataset (no {METADATA} "
-                        f"at its top level): {not_ham}")
+    if METADATA in names:
+        return
+    below = sorted((name for name in names if name.endswith("/" + METADATA)), key=lambda name: (name.count("/"), name))
+    if below and nested is not None:
+        folder = below[0].rsplit("/", 1)[0]
+        raise UserError(f"{what} holds {METADATA} in its folder {folder}/, not at its top level as the Kaggle zip "
+                        f"does: {nested.format(folder=folder)}")
+    raise UserError(f"{what} does not look like the HAM10000 Kaggle dataset (no {METADATA} "
+                    f"at its top level): {not_ham}")
 
 
 def _from_kaggle(dataset: str, staging: Path) -> Path:

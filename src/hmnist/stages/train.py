@@ -183,6 +183,8 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     model = model.to(device).to(memory_format=memory_format(device, config.arch))
     norm = data_config(model)
     model_input = ModelInput(config.resize, norm["mean"], norm["std"], device, config.arch)
+    if ranks.main and config.resize > images.shape[1]:
+        print(upsampling_notice(params.model, config.resize, images.shape[1]), file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1)
     augment = Augment(generator, (tc.crop_area_min, 1.0), tc.rotation, tc.color_jitter) if tc.augment else None
 
@@ -220,6 +222,15 @@ def _encoded(encoding: fusion.Encoding | None, index: pd.DataFrame, rows: dict[s
              device: torch.device) -> dict[str, torch.Tensor | None]:
     return {name: None if encoding is None else torch.from_numpy(encoding.encode(index.iloc[r])).to(device)
             for name, r in rows.items()}
+
+
+def upsampling_notice(model: str, resize: int, cache_side: int) -> str:
+    """Said once per run, not refused: upsampling adds no detail and costs time, but a pretrained
+    model fine-tuned at its pretraining size from a smaller cache is a choice someone may make."""
+    return (f"notice: models.{model}.resize is {resize} but the prepared images are {cache_side} px (prepare.size): "
+            f"the model trains on them upsampled, with no more detail than {cache_side} px, at "
+            f"{(resize / cache_side) ** 2:.1f}x the pixels per image; for the detail set prepare.size to {resize}, "
+            f"for the speed models.{model}.resize to {cache_side}")
 
 
 def _resume(run: Run, resume_path: Path | None, live: Any) -> None:
