@@ -10,7 +10,7 @@ import pytest
 import yaml
 from sklearn.metrics import balanced_accuracy_score
 
-from conftest import BIN, run
+from conftest import BIN, REPO, run
 from hmnist.synthetic import image_folder
 
 pytestmark = pytest.mark.slow
@@ -23,14 +23,14 @@ def ran(output: str) -> list[str]:
 
 def test_repro_exp_diff_compare_and_share(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["model"] = "deit"
+    params["model"] = yaml.safe_load((REPO / "params.yaml").read_text())["model"]  # the shipped default
     params["models"]["resnet9"]["arch"] = "resnet9"  # the experiment below must learn, not only run
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = run(["dvc", "repro"], project)
     assert ran(first.stdout) == list(STAGES)
     metrics = json.loads((project / "metrics/metrics.json").read_text())
-    assert metrics["model"] == "deit"
+    assert metrics["model"] == "lite0" and metrics["arch"] == "tf_efficientnet_lite0"  # by default
     assert set(metrics["per_class"]) == {"mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"}
     # the metrics are those of the stage's own predictions, on exactly the test split's images
     split = pd.read_csv(project / "data/split.csv")
@@ -77,7 +77,7 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
     run(["git", "remote", "add", "origin", str(origin)], project)
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], project)
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "deit baseline"], project)
+    run(["git", "commit", "-qm", "lite0 baseline"], project)
     run(["dvc", "push"], project)  # the baseline's outputs, before an experiment changes the workspace
     exp = run(["dvc", "exp", "run", "-S", "model=resnet9", "-n", "resnet9-exp"], project)
     assert ran(exp.stdout) == ["train", "evaluate"]
