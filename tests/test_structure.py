@@ -30,7 +30,7 @@ ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage i
 # every module of the package, dotted below hmnist: "config", "stages.train", "commands.cli"
 MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
 LIBRARY = {"config", "data", "models", "engine", "augment", "metrics", "calibration", "distributed", "errors", "cam", "runs",
-           "synthetic"}
+           "synthetic", "onnx_export", "card"}
 COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.bench", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, the __init__.py files only docstrings and
@@ -75,7 +75,8 @@ def closure(module: str) -> set[str]:
 
 
 def test_the_stage_modules_are_the_ones_dvc_runs():
-    assert set(STAGES.values()) == {f"stages.{m}" for m in ("download", "prepare", "split", "train", "evaluate")}
+    assert set(STAGES.values()) == {f"stages.{m}" for m in ("download", "prepare", "split", "train", "evaluate",
+                                                             "export")}
 
 
 def test_the_tree_shows_the_architecture():
@@ -181,7 +182,7 @@ def test_every_param_a_stage_reads_is_in_its_params(tmp_path, synthetic_zip, mon
     raw["cv"] = {"folds": 2, "other_folds": [1]}  # so that train_fold@1 runs too
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    for stage in ("download", "prepare", "split", "train", "train_fold", "evaluate"):
+    for stage in ("download", "prepare", "split", "train", "train_fold", "evaluate", "export"):
         module = importlib.import_module(f"hmnist.{STAGES[stage]}")
         seen: set[str] = set()
         real = config_module.load_params()
