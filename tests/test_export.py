@@ -335,3 +335,38 @@ def test_dvc_declares_the_model_artifacts(tmp_path):
     shown = dvc.api.artifacts_show("skin-lesion-classifier-onnx", repo=str(root))
     assert shown["path"] == "export/model.onnx"
     assert shown["rev"] == run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+
+
+def test_the_stage_needs_the_metrics_of_its_model(tmp_path, monkeypatch):
+    """The card reports evaluate's metrics of the exported model: missing, unreadable or another
+    model's metrics/metrics.json is a one-line error naming the fix."""
+    from hmnist.stages.export import read_metrics
+
+    monkeypatch.chdir(tmp_path)
+    checkpoints = [{"model_name": "lite0"}]
+    with pytest.raises(UserError, match=r"^metrics/metrics.json not found: run `dvc repro evaluate` first$"):
+        read_metrics(checkpoints)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/metrics.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"^cannot read metrics/metrics.json: .*: run `dvc repro evaluate`$"):
+        read_metrics(checkpoints)
+    (tmp_path / "metrics/metrics.json").write_text(json.dumps({"model": "deit", "balanced_accuracy": 0.5}))
+    with pytest.raises(UserError, match=r"is of deit \(1 model\(s\)\), the checkpoints of lite0 \(1\)"):
+        read_metrics(checkpoints)
+    (tmp_path / "metrics/metrics.json").write_text(json.dumps({"model": "lite0", "ensemble_of": 3}))
+    with pytest.raises(UserError, match=r"is of lite0 \(3 model\(s\)\), the checkpoints of lite0 \(1\)"):
+        read_metrics(checkpoints)
+    assert read_metrics([{"model_name": "lite0"}] * 3) == {"model": "lite0", "ensemble_of": 3}
+
+
+def test_the_onnx_speed_benchmark_runs(tmp_path):
+    """benchmarks/onnx_speed.py --quick, at a tiny size, on params.yaml's default model (lite0):
+    both ways timed at each batch size (the figures themselves mean nothing at this size)."""
+    out = tmp_path / "speed.json"
+    result = run([sys.executable, str(REPO / "benchmarks/onnx_speed.py"), "--quick", "--threads", "1",
+                  "--json", str(out)], tmp_path)
+    assert "lite0 (tf_efficientnet_lite0) at 32px" in result.stdout and "TTA hflip" in result.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [r["batch"] for r in results] == [1, 4]
+    for r in results:
+        assert r["eager_images_per_second"] > 0 and r["onnx_images_per_second"] > 0

@@ -14,7 +14,7 @@ from conftest import BIN, REPO, run
 from hmnist.synthetic import image_folder
 
 pytestmark = pytest.mark.slow
-STAGES = ("download", "prepare", "split", "train", "evaluate")
+STAGES = ("download", "prepare", "split", "train", "evaluate", "export")
 
 
 def ran(output: str) -> list[str]:
@@ -61,6 +61,8 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
         assert (project / path).read_bytes().startswith(b"\x89PNG")
     assert split.groupby("lesion_id")["split"].nunique().max() == 1
     assert (project / "dvclive/plots/metrics/val/balanced_accuracy.tsv").exists()
+    assert (project / "export/model.onnx").stat().st_size > 0
+    assert "Model card: lite0 (tf_efficientnet_lite0)" in (project / "export/MODEL_CARD.md").read_text()
 
     second = run(["dvc", "repro"], project)
     assert ran(second.stdout) == [] and "up to date" in second.stdout.lower()
@@ -80,7 +82,7 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
     run(["git", "commit", "-qm", "lite0 baseline"], project)
     run(["dvc", "push"], project)  # the baseline's outputs, before an experiment changes the workspace
     exp = run(["dvc", "exp", "run", "-S", "model=resnet9", "-n", "resnet9-exp"], project)
-    assert ran(exp.stdout) == ["train", "evaluate"]
+    assert ran(exp.stdout) == ["train", "evaluate", "export"]
     resnet9 = json.loads((project / "metrics/metrics.json").read_text())
     assert resnet9["model"] == "resnet9"
     # the synthetic classes are learnable: two tiny epochs already beat chance (1/7) by far
@@ -167,6 +169,21 @@ def share_experiment(project, tmp_path, compared: dict) -> None:
          "--device", "cpu"], clone)
     columns = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     pd.testing.assert_frame_equal(pd.read_csv(clone / "new.csv")[columns], predictions[columns][:5], atol=1e-5)
+    # the experiment's ONNX export came with it and says the same (onnx_export.TOLERANCE)
+    run([str(BIN / "hmnist"), "predict", "--checkpoint", "export/model.onnx", str(images), "--out", "onnx.csv"], clone)
+    pd.testing.assert_frame_equal(pd.read_csv(clone / "onnx.csv")[columns], predictions[columns][:5], atol=1e-4)
+
+    # the model registry (docs/workflow.md): register the baseline's ONNX model with gto, push the
+    # tag, and `dvc artifacts get` downloads that version's file from the DVC remote
+    run(["gto", "register", "skin-lesion-classifier-onnx", "HEAD", "--version", "v1.0.0"], project)
+    run(["git", "push", "-q", "origin", "--tags"], project)
+    run(["dvc", "artifacts", "get", str(tmp_path / "origin.git"), "skin-lesion-classifier-onnx", "-o", "got.onnx"],
+        tmp_path)
+    lock = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], project).stdout)
+    md5 = next(o["md5"] for o in lock["stages"]["export"]["outs"] if o["path"] == "export/model.onnx")
+    import hashlib
+
+    assert hashlib.md5((tmp_path / "got.onnx").read_bytes()).hexdigest() == md5
 
 
 def test_typo_fails_first_stage(project):
