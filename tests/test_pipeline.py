@@ -177,6 +177,8 @@ def share_experiment(project, tmp_path, compared: dict) -> None:
     # tag, and `dvc artifacts get` downloads that version's file from the DVC remote
     run(["gto", "register", "skin-lesion-classifier-onnx", "HEAD", "--version", "v1.0.0"], project)
     run(["git", "push", "-q", "origin", "--tags"], project)
+    # the bare origin's HEAD names the branch pushed (git init --bare names master): DVC clones its HEAD
+    run(["git", "symbolic-ref", "HEAD", "refs/heads/main"], tmp_path / "origin.git")
     run(["dvc", "artifacts", "get", str(tmp_path / "origin.git"), "skin-lesion-classifier-onnx", "-o", "got.onnx"],
         tmp_path)
     lock = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], project).stdout)
