@@ -35,7 +35,7 @@ def test_three_folds(project, tmp_path, capsys):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # a run that stopped after fold 1 (a crash, Ctrl-C): the next run does not redo fold 1
     assert ran(run(["dvc", "repro", "train_fold@1"], project).stdout) == ["check_params", "split", "train_fold@1"]
-    assert ran(run(["dvc", "repro"], project).stdout) == ["train", "train_fold@2", "evaluate"]
+    assert ran(run(["dvc", "repro"], project).stdout) == ["train", "train_fold@2", "evaluate", "export"]
     assert digest(project / "data/split.csv") == split_one_fold  # the test split does not change with K
 
     split = pd.read_csv(project / "data/split.csv")
@@ -54,6 +54,11 @@ def test_three_folds(project, tmp_path, capsys):
         assert (project / f"models/fold{fold}.pt").exists()
         assert (project / f"dvclive/fold{fold}/metrics.json").exists()
     assert (project / "dvclive/metrics.json").exists()  # fold 0's, beside the others
+    # the export is the ensemble evaluate measured: the 3 fold models in one graph
+    from hmnist.onnx_export import OnnxModel
+
+    assert OnnxModel(project / "export/model.onnx").members == 3
+    assert "the 3 cross-validation fold models' ensemble" in (project / "export/MODEL_CARD.md").read_text()
 
     # cached per fold: nothing to do
     assert ran(run(["dvc", "repro"], project).stdout) == []

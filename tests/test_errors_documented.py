@@ -37,6 +37,10 @@ UNTESTED = {
         'tested through a variable: the text search cannot see it',
     'cannot read --metadata {file}: {reason}':
         'a metadata file that exists but cannot be read (permissions, not text): no test yet',
+    "ONNX Runtime cannot run {path}: ...":
+        'a graph that onnx parses and whose hmnist metadata and shapes are right, yet ONNX Runtime refuses: none is cheap to make',
+    "ONNX export and inference need the onnx, onnxruntime and onnxscript packages (...): pip install -e . (they are hmnist dependencies)":
+        'they are dependencies of hmnist: the test environment has them',
 }
 
 

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from sklearn.metrics import balanced_accuracy_score
 
-from conftest import BIN, run
+from conftest import BIN, REPO, run
 from hmnist.synthetic import image_folder
 
 pytestmark = pytest.mark.slow
-STAGES = ("check_params", "download", "prepare", "split", "train", "evaluate")
+STAGES = ("check_params", "download", "prepare", "split", "train", "evaluate", "export")
 
 
 def ran(output: str) -> list[str]:
@@ -23,14 +23,14 @@ def ran(output: str) -> list[str]:
 
 def test_repro_exp_diff_compare_and_share(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["model"] = "deit"
+    params["model"] = yaml.safe_load((REPO / "params.yaml").read_text())["model"]  # the shipped default
     params["models"]["resnet9"]["arch"] = "resnet9"  # the experiment below must learn, not only run
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = run(["dvc", "repro"], project)
     assert ran(first.stdout) == list(STAGES)
     metrics = json.loads((project / "metrics/metrics.json").read_text())
-    assert metrics["model"] == "deit"
+    assert metrics["model"] == "lite0" and metrics["arch"] == "tf_efficientnet_lite0"  # by default
     assert set(metrics["per_class"]) == {"mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"}
     # the metrics are those of the stage's own predictions, on exactly the test split's images
     split = pd.read_csv(project / "data/split.csv")
@@ -61,6 +61,8 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
         assert (project / path).read_bytes().startswith(b"\x89PNG")
     assert split.groupby("lesion_id")["split"].nunique().max() == 1
     assert (project / "dvclive/plots/metrics/val/balanced_accuracy.tsv").exists()
+    assert (project / "export/model.onnx").stat().st_size > 0
+    assert "Model card: lite0 (tf_efficientnet_lite0)" in (project / "export/MODEL_CARD.md").read_text()
 
     second = run(["dvc", "repro"], project)
     assert ran(second.stdout) == [] and "up to date" in second.stdout.lower()
@@ -78,11 +80,11 @@ def test_repro_exp_diff_compare_and_share(project, tmp_path):
     run(["git", "remote", "add", "origin", str(origin)], project)
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], project)
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "deit baseline"], project)
+    run(["git", "commit", "-qm", "lite0 baseline"], project)
     run(["dvc", "push"], project)  # the baseline's outputs, before an experiment changes the workspace
     bad_values_keep_the_outputs(project)
     exp = run(["dvc", "exp", "run", "-S", "model=resnet9", "-n", "resnet9-exp"], project)
-    assert ran(exp.stdout) == ["check_params", "train", "evaluate"]
+    assert ran(exp.stdout) == ["check_params", "train", "evaluate", "export"]
     resnet9 = json.loads((project / "metrics/metrics.json").read_text())
     assert resnet9["model"] == "resnet9"
     # the synthetic classes are learnable: two tiny epochs already beat chance (1/7) by far
@@ -193,6 +195,23 @@ def share_experiment(project, tmp_path, compared: dict) -> None:
          "--device", "cpu"], clone)
     columns = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     pd.testing.assert_frame_equal(pd.read_csv(clone / "new.csv")[columns], predictions[columns][:5], atol=1e-5)
+    # the experiment's ONNX export came with it and says the same (onnx_export.TOLERANCE)
+    run([str(BIN / "hmnist"), "predict", "--checkpoint", "export/model.onnx", str(images), "--out", "onnx.csv"], clone)
+    pd.testing.assert_frame_equal(pd.read_csv(clone / "onnx.csv")[columns], predictions[columns][:5], atol=1e-4)
+
+    # the model registry (docs/workflow.md): register the baseline's ONNX model with gto, push the
+    # tag, and `dvc artifacts get` downloads that version's file from the DVC remote
+    run(["gto", "register", "skin-lesion-classifier-onnx", "HEAD", "--version", "v1.0.0"], project)
+    run(["git", "push", "-q", "origin", "--tags"], project)
+    # the bare origin's HEAD names the branch pushed (git init --bare names master): DVC clones its HEAD
+    run(["git", "symbolic-ref", "HEAD", "refs/heads/main"], tmp_path / "origin.git")
+    run(["dvc", "artifacts", "get", str(tmp_path / "origin.git"), "skin-lesion-classifier-onnx", "-o", "got.onnx"],
+        tmp_path)
+    lock = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], project).stdout)
+    md5 = next(o["md5"] for o in lock["stages"]["export"]["outs"] if o["path"] == "export/model.onnx")
+    import hashlib
+
+    assert hashlib.md5((tmp_path / "got.onnx").read_bytes()).hexdigest() == md5
 
 
 def test_typo_fails_first_stage(project):

@@ -3,6 +3,7 @@ sections, galleries, verdicts (those of `hmnist compare --json`), recipe rows, e
 page in a real browser with the network cut off."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -71,6 +72,11 @@ def test_sections_and_galleries(two_runs, page):
             assert gallery.count('class="example wrong"') == len(expected[name]["wrong"]), (spec, name)
             assert gallery.count("<img") == 2 * sum(map(len, expected[name].values()))  # each beside its map
         assert sum(len(rows) for kinds in expected.values() for rows in kinds.values()) > 0
+        # the run's own model card (export stage), embedded
+        card = Run(spec, str(two_runs)).read("export/MODEL_CARD.md")
+        embedded = re.search(r'<details class="card"><summary>Model card \(export/MODEL_CARD.md\)</summary><pre>(.*?)'
+                             r"</pre></details>", section, flags=re.S).group(1)
+        assert html.unescape(embedded) == card and "## Limitations and ethical considerations" in card
 
 
 def test_calibration_and_operating_points_table(two_runs, page):

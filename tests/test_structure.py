@@ -30,7 +30,7 @@ ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage i
 # every module of the package, dotted below hmnist: "config", "stages.train", "commands.cli"
 MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
 LIBRARY = {"config", "data", "models", "engine", "augment", "metrics", "calibration", "distributed", "errors", "cam", "runs",
-           "synthetic", "fusion"}
+           "synthetic", "fusion", "onnx_export", "card"}
 COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.bench", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, the __init__.py files only docstrings and
@@ -76,7 +76,7 @@ def closure(module: str) -> set[str]:
 
 def test_the_stage_modules_are_the_ones_dvc_runs():
     assert set(STAGES.values()) == {f"stages.{m}" for m in ("check_params", "download", "prepare", "split", "train",
-                                                            "evaluate")}
+                                                            "evaluate", "export")}
     # check_params reads params.yaml as a file (any edit re-runs it), and split, upstream of train
     # and evaluate, waits for its output: a bad value stops a run before DVC deletes their outputs
     assert "params.yaml" in DEFS["check_params"]["deps"] and "params" not in DEFS["check_params"]
@@ -186,7 +186,7 @@ def test_every_param_a_stage_reads_is_in_its_params(tmp_path, synthetic_zip, mon
     raw["cv"] = {"folds": 2, "other_folds": [1]}  # so that train_fold@1 runs too
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    for stage in ("download", "prepare", "split", "train", "train_fold", "evaluate"):
+    for stage in ("download", "prepare", "split", "train", "train_fold", "evaluate", "export"):
         module = importlib.import_module(f"hmnist.{STAGES[stage]}")
         seen: set[str] = set()
         real = config_module.load_params()

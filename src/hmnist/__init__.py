@@ -5,6 +5,7 @@
     frame = model.predict(["new_images/"])         # ISIC 2018 columns: image, MEL, NV, ...
     result = model.classify(["new_images/"])       # .submission, .calibrated, .decisions (operating points)
     result = model.classify(["new_images/"], metadata="meta.csv")  # a model trained with patient metadata
+    onnx = hmnist.load("export/model.onnx")        # the export stage's ONNX file, through ONNX Runtime
 
 Importing the package imports nothing heavy: torch and timm load on the first `load`.
 """
@@ -20,8 +21,9 @@ __all__ = ["load"]
 
 
 def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto") -> Predictor:
-    """A trained checkpoint (from the train stage), ready to `.predict(paths)`; a list of
-    checkpoints (cross-validation folds) predicts their averaged probabilities."""
+    """A trained checkpoint (from the train stage), or its ONNX export (.onnx, from the export
+    stage), ready to `.predict(paths)`; a list of checkpoints (cross-validation folds) predicts
+    their averaged probabilities."""
     from hmnist.commands.predict import Predictor
 
     return Predictor(checkpoint, device)

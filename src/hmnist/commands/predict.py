@@ -5,6 +5,7 @@
     hmnist predict --checkpoint models/model.pt --checkpoint models/fold1.pt ... PATH...   (an ensemble)
     hmnist predict --checkpoint models/model.pt PATH... --explain maps/   (and each image's class-activation map)
     hmnist predict --checkpoint models/model.pt PATH... --metadata meta.csv   (a model trained with metadata)
+    hmnist predict --checkpoint export/model.onnx PATH...   (the ONNX export, through ONNX Runtime: the same CSV)
     python -m hmnist.commands.predict --checkpoint models/model.pt PATH...     (the same arguments)
 
 PATH is any mix of image files and folders; folders are searched recursively for JPEG and
@@ -12,7 +13,10 @@ PNG files (.jpg, .jpeg, .png, any case), skipping hidden files and folders as a 
 does. Preprocessing comes from the checkpoint alone: each image is decoded by
 `data.decode_image` at the checkpoint's prepare_size, the function that built the cache the
 model was evaluated on, then resized and normalised on the device exactly as in evaluation,
-with the checkpoint's test-time augmentation, calibration and operating points.
+with the checkpoint's test-time augmentation, calibration and operating points. An ONNX export
+(onnx_export.py, `dvc repro export`) is decoded and resized the same way, on the CPU, and run by
+ONNX Runtime, whose graph holds the normalisation, the views and the calibration; its metadata
+holds the classes, sizes, TTA, calibration and operating points predict needs.
 
 The submission CSV holds the model's own probabilities, whose argmax is the decision balanced
 accuracy measures; the calibrated probabilities (which can be read as probabilities) and the
@@ -141,16 +145,44 @@ class _Member:
 
         self.encoding = checkpoint_encoding(state)  # None: an image-only model (checked by inference_model)
         self.state = {k: v for k, v in state.items() if k != "state_dict"}  # what ensemble_operating_points reads
+        check_classes(path, self.classes)
 
-    def metadata(self, rows: pd.DataFrame | None, count: int) -> torch.Tensor | None:
+    def encoded_metadata(self, rows: pd.DataFrame | None, count: int) -> torch.Tensor | None:
         """A metadata model's encoded `rows` (`count` all-missing rows when None); None for an image-only one."""
         import torch
 
         return None if self.encoding is None else torch.from_numpy(self.encoding.encode(rows, count))
-        if tuple(self.classes) != CLASSES:
-            # the submission's columns are ISIC 2018's classes in ISIC 2018's order
-            raise UserError(f"{path} predicts classes {', '.join(self.classes)}, "
-                            f"not the ISIC 2018 ones ({', '.join(CLASSES)})")
+
+    def outputs(self, images: torch.Tensor, batch_size, device: torch.device, tta: str | None,
+                metadata: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, calibrated probabilities) of a uint8 NHWC cache-size batch, with the
+        checkpoint's own views (tta None) or `tta`'s, and the checkpoint's calibration; `metadata`:
+        the images' encoded metadata rows, for a metadata model (`metadata`)."""
+        from hmnist import calibration
+        from hmnist.engine import predict_probs
+
+        probs = predict_probs(self.model, images, self.model_input, batch_size, device,
+                              tta=self.tta if tta is None else tta, metadata=metadata)
+        return probs, calibration.apply(probs, self.calibration)
+
+
+def check_classes(path: Path, classes: Sequence[str]) -> None:
+    if tuple(classes) != CLASSES:
+        # the submission's columns are ISIC 2018's classes in ISIC 2018's order
+        raise UserError(f"{path} predicts classes {', '.join(classes)}, "
+                        f"not the ISIC 2018 ones ({', '.join(CLASSES)})")
+
+
+def load_member(path: Path, device: torch.device):
+    """A checkpoint (.pt) as a _Member, or an ONNX export (.onnx) as an onnx_export.OnnxModel:
+    both give (probabilities, calibrated probabilities) of uint8 cache-size images through `outputs`."""
+    from hmnist.onnx_export import OnnxModel, is_onnx
+
+    if not is_onnx(path):
+        return _Member(path, device)
+    member = OnnxModel(path)
+    check_classes(path, member.classes)
+    return member
 
 
 @dataclass
@@ -174,7 +206,7 @@ class Predictor:
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         if not paths:
             raise UserError("no checkpoint given")
-        self.members = [_Member(Path(path), self.device) for path in paths]
+        self.members = [load_member(Path(path), self.device) for path in paths]
         first = self.members[0]
         self.checkpoint_path, self.classes = first.path, first.classes
         self.model_name, self.arch = first.model_name, first.arch
@@ -236,8 +268,7 @@ class Predictor:
         import torch
         from tqdm import tqdm
 
-        from hmnist import calibration
-        from hmnist.engine import BatchSize, predict_probs
+        from hmnist.engine import BatchSize
         from hmnist.metrics import submission_frame
 
         if isinstance(paths, (str, os.PathLike)):
@@ -248,6 +279,14 @@ class Predictor:
             tta = "flips" if tta else "none"
         if tta is not None and tta not in TTA:
             raise UserError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
+        for member in self.members:  # an ONNX export's views are in its graph: None (the default) takes them
+            if member.model is None and tta not in (None, member.tta):
+                raise UserError(f"{member.path} has its test-time augmentation built in ({member.tta}): "
+                                f"leave out --tta (tta={tta!r}), or export again")
+        if explain is not None and any(m.model is None for m in self.members):
+            onnx = next(m for m in self.members if m.model is None)
+            raise UserError(f"--explain needs PyTorch checkpoints (.pt): {onnx.path} is an ONNX export "
+                            f"(give its models/model.pt instead)")
         files = find_images(paths)
         check_unique_names(files)
         table = self._metadata_table(metadata, [f.stem for f in files])  # before any decoding
@@ -277,13 +316,12 @@ class Predictor:
                 if good:
                     images = torch.from_numpy(np.stack([image for _, image in good]))
                     rows = None if table is None else table.for_images([path.stem for path, _ in good])
-                    own = [predict_probs(m.model, images, m.model_input, inference_batch, self.device,
-                                         tta=m.tta if tta is None else tta, metadata=m.metadata(rows, len(good)))
+                    own = [m.outputs(images, inference_batch, self.device, tta,
+                                     m.encoded_metadata(rows, len(good)))
                            for m in self.members]
                     # an ensemble: the mean of the members' probabilities, and of their calibrated ones
-                    probs.append(np.mean(own, axis=0))
-                    calibrated.append(np.mean([calibration.apply(p, m.calibration)
-                                               for p, m in zip(own, self.members)], axis=0))
+                    probs.append(np.mean([p for p, _ in own], axis=0))
+                    calibrated.append(np.mean([c for _, c in own], axis=0))
                     names += [path.stem for path, _ in good]
                     if explain is not None:
                         self._explain(images, probs[-1].argmax(1), names[-len(good):], explain, rows)
@@ -336,7 +374,8 @@ class Predictor:
                  rows: pd.DataFrame | None = None) -> None:
         from hmnist.cam import class_maps, overlay
 
-        maps = np.mean([class_maps(m.model, m.model_input, images, predicted, metadata=m.metadata(rows, len(images)))
+        maps = np.mean([class_maps(m.model, m.model_input, images, predicted,
+                                   metadata=m.encoded_metadata(rows, len(images)))
                         for m in self.members], axis=0)
         for name, image, heat in zip(names, images.numpy(), maps):
             path = folder / f"{name}.png"
@@ -385,7 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="image files and folders (searched recursively for .jpg, .jpeg, .png)")
     parser.add_argument("--checkpoint", required=True, action="append",
-                        help="a model saved by the train stage, e.g. models/model.pt; repeat it to average several "
+                        help="a model saved by the train stage, e.g. models/model.pt, or its ONNX export "
+                             "(export/model.onnx, run by ONNX Runtime on the CPU); repeat it to average several "
                              "(the folds of cv.folds: --checkpoint models/model.pt --checkpoint models/fold1.pt ...)")
     parser.add_argument("--out", default="predictions.csv",
                         help="the ISIC 2018 submission CSV to write; - for stdout (default: %(default)s). Beside "

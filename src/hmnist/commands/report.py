@@ -11,8 +11,9 @@ Every picture is inline (PNG data URIs) and the page loads nothing else, no scri
 or font: it opens offline, from a USB stick. Top to bottom: one row per recipe (its model, the
 params that differ, each headline metric with its 95% interval); each recipe after the first
 against the first, computed by the code of `hmnist compare`; then per run its confusion matrix,
-ROC, reliability diagram and training curves, and per class the test images the model was most
-confidently right and most confidently wrong about, each beside its Grad-CAM map (cam.py).
+ROC, reliability diagram and training curves, per class the test images the model was most
+confidently right and most confidently wrong about, each beside its Grad-CAM map (cam.py), and
+its model card (export/MODEL_CARD.md, written by the export stage) embedded as its Markdown.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "melanoma_
 # the evaluate and train stages' pictures, in the order a reader looks at them
 PLOTS = {"confusion matrix": "plots/confusion_matrix.png", "ROC": "plots/roc.png",
          "reliability": "plots/reliability.png", "training curves": "plots/training_curves.png"}
+MODEL_CARD = "export/MODEL_CARD.md"
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
@@ -56,6 +58,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .example img { width: 112px; height: 112px; margin-right: 2px; image-rendering: auto; }
 .wrong figcaption { color: #b00; }
 .note { color: #555; }
+details.card pre { white-space: pre-wrap; font-size: 12px; background: #f7f7f7; padding: .5em; }
 """
 
 
@@ -74,6 +77,10 @@ class RunData:
                 self.plots[title] = self.run.read(path, mode="rb")
             except FileNotFoundError:
                 self.plots[title] = None
+        try:
+            self.card = self.run.read(MODEL_CARD)
+        except FileNotFoundError:  # a run from before the export stage, or whose export failed
+            self.card = None
 
     def _read(self, path: str) -> str:
         try:
@@ -304,6 +311,11 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
             if not kinds["right"] and not kinds["wrong"]:
                 out.append('<p class="note">no test images of this class</p>')
             out.append("</div>")
+        # the card's Markdown as it is (a Markdown renderer would be a dependency for one section;
+        # the text reads as it is, tables included)
+        out.append(f'<details class="card"><summary>Model card ({e(MODEL_CARD)})</summary><pre>{e(data.card)}</pre>'
+                   "</details>" if data.card is not None else
+                   f'<p class="note">no {e(MODEL_CARD)} in this run (the export stage writes it)</p>')
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out)

@@ -1,0 +1,361 @@
+"""ONNX export of trained checkpoints: the graph, its hmnist metadata, its self-check against
+PyTorch, and reading an export back for `hmnist predict`.
+
+The graph takes what an image library gives, the whole image already resized to the model's
+input side S (squashed, not cropped, as `data.decode_image` does), and returns probabilities:
+
+    pixels                    float32 [N, S, S, 3], RGB, 0..255 (uint8 values cast to float)
+    probabilities             float32 [N, 7], the ISIC 2018 classes in order (CLASSES)
+    calibrated_probabilities  float32 [N, 7], the checkpoint's calibration applied
+
+Everything between is inside: the normalisation (the checkpoint's mean and std), the
+checkpoint's test-time augmentation views (key "tta", absent = none) averaged after the
+softmax as `engine.predict_probs` averages them, and the calibration (key "calibration",
+absent = none): softmax(log(p) / T + b) of the view-averaged probabilities p, as
+`calibration.apply` computes it. Several
+checkpoints (the folds of cv.folds) are one graph whose outputs are the mean of theirs, as
+`hmnist predict --checkpoint a.pt --checkpoint b.pt` averages them. N is dynamic.
+
+The resize to S stays outside the graph: hmnist itself decodes each image to the cache size
+(`prepare_size`, PIL) and resizes that on the device with torch's antialiased bilinear filter
+(`augment.ModelInput`); `OnnxModel` does exactly that before ONNX Runtime, so `hmnist predict`
+gives the same CSV with the .onnx as with the .pt (within TOLERANCE on the CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from hmnist.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "hmnist-onnx"
+# the export's own format: what the graph takes and returns, and the metadata keys below.
+# Raise it when either changes; readers refuse other versions with a one-line error.
+VERSION = 1
+# ONNX opset 18: ONNX Runtime 1.14 (2023) and later run it
+OPSET = 18
+INPUT, OUTPUT, CALIBRATED = "pixels", "probabilities", "calibrated_probabilities"
+# The largest difference allowed between ONNX Runtime's probabilities and PyTorch's, both fp32
+# on the CPU (a fused convolution adds in another order). Measured, untrained models at 32 px
+# with the 8 dihedral views and a calibration: 3e-8 (ResNet9, Lite0, DeiT-tiny), 1.2e-7
+# (Swin-tiny); on a trained test-split run 3e-8. A wrong normalisation, view or calibration
+# moves them by 1e-3 and more (tests/test_export.py).
+TOLERANCE = 1e-4
+# the export checks itself on at most this many test images (all of a small test split)
+CHECK_IMAGES = 512
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401  torch's ONNX exporter
+    except ImportError as e:
+        raise UserError(f"ONNX export and inference need the onnx, onnxruntime and onnxscript packages "
+                        f"({first_line(e)}): pip install -e . (they are hmnist dependencies)") from None
+
+
+# -- the graph -------------------------------------------------------------------------------
+
+def _graph(checkpoints: Sequence[dict[str, Any]], sources: Sequence[str]) -> torch.nn.Module:
+    """The checkpoints' models, normalisation, views and calibration as one module: pixels
+    (N, S, S, 3) float 0..255 -> (probabilities, calibrated probabilities), each (N, classes)."""
+    import torch
+
+    from hmnist.engine import tta_views
+    from hmnist.models import damaged_checkpoint, model_from_checkpoint
+
+    class Member(torch.nn.Module):
+        def __init__(self, checkpoint: dict[str, Any], source: str):
+            super().__init__()
+            self.model = model_from_checkpoint(checkpoint, source)
+            try:
+                mean, std = torch.tensor(checkpoint["mean"]), torch.tensor(checkpoint["std"])
+                calibration = checkpoint.get("calibration")
+                self.tta = str(checkpoint.get("tta") or "none")
+                scale, bias = calibration_terms(calibration, len(checkpoint["classes"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise damaged_checkpoint(source, e) from None
+            tta_views(torch.zeros(1, 3, 2, 2), self.tta)  # an unknown mode is a UserError now, not at export
+            self.register_buffer("mean", (mean * 255).view(1, 3, 1, 1).float())
+            self.register_buffer("std", (std * 255).view(1, 3, 1, 1).float())
+            self.calibrated = calibration is not None
+            self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+            self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32).view(1, -1))
+
+        def forward(self, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = (planes - self.mean) / self.std
+            views = tta_views(x, self.tta)
+            # all views as one batch: in eval mode no layer mixes images, so this equals
+            # predict_probs' one pass per view, in one call of the network
+            logits = self.model(torch.cat(views) if len(views) > 1 else x)
+            probs = logits.float().softmax(1).reshape(len(views), -1, logits.shape[1]).mean(0)
+            if not self.calibrated:
+                return probs, probs
+            # the clamp: calibration.log_probs counts a probability that underflowed to 0 as 1e-12
+            return probs, (probs.clamp_min(1e-12).log() * self.scale + self.bias).softmax(1)
+
+    class Graph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = torch.nn.ModuleList(Member(c, s) for c, s in zip(checkpoints, sources))
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            planes = pixels.permute(0, 3, 1, 2)
+            outputs = [member(planes) for member in self.members]
+            if len(outputs) == 1:
+                return outputs[0]
+            return (torch.stack([p for p, _ in outputs]).mean(0), torch.stack([c for _, c in outputs]).mean(0))
+
+    return Graph().eval()
+
+
+def calibration_terms(calibration: dict[str, Any] | None, classes: int) -> tuple[float, list[float]]:
+    """(1 / temperature, bias) of a checkpoint's "calibration" (None: 1 and zeros)."""
+    if calibration is None:
+        return 1.0, [0.0] * classes
+    temperature = float(calibration["temperature"])
+    bias = [float(b) for b in (calibration.get("bias") or [0.0] * classes)]
+    if not (temperature > 0 and math.isfinite(temperature)) or len(bias) != classes:
+        raise ValueError(f"calibration {calibration!r}: needs a temperature > 0 and {classes} biases")
+    return 1.0 / temperature, bias
+
+
+# -- export ----------------------------------------------------------------------------------
+
+def export(checkpoints: Sequence[dict[str, Any]], sources: Sequence[str], extra: dict[str, str] | None = None
+           ) -> bytes:
+    """The ONNX model of `checkpoints` (one, or a cross-validation run's folds, averaged), with
+    hmnist's metadata and `extra` metadata, serialised. `sources` name them in errors."""
+    _require_onnx()
+    import torch
+
+    first = checkpoints[0]
+    for checkpoint, source in zip(checkpoints, sources):
+        if checkpoint.get("metadata"):
+            # issue 31's models read patient metadata beside the image: a second graph input
+            # this export does not make yet
+            raise UserError(f"{source} reads patient metadata beside the image, which the ONNX export does not "
+                            f"support yet: use the checkpoint itself (hmnist predict --checkpoint {source})")
+    for checkpoint, source in zip(checkpoints[1:], sources[1:]):
+        for key in ("input_size", "prepare_size", "classes"):
+            if checkpoint.get(key) != first.get(key):
+                raise UserError(f"{source} and {sources[0]} differ in {key}: one export holds checkpoints of one "
+                                f"input size, cache size and class list")
+    graph = _graph(checkpoints, sources)
+    size = int(first["input_size"])
+    example = torch.rand(2, size, size, 3) * 255
+    # the exporter narrates each step on stdout; the stage says what matters itself
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        program = torch.onnx.export(graph, (example,), input_names=[INPUT], output_names=[OUTPUT, CALIBRATED],
+                                    dynamic_shapes={"pixels": {0: torch.export.Dim("batch")}},
+                                    opset_version=OPSET, dynamo=True, verbose=False)
+    proto = program.model_proto
+    proto.producer_name = "hmnist"
+    proto.doc_string = (f"HAM10000 skin-lesion classifier ({first['model_name']}: {first['arch']}). Input {INPUT}: "
+                        f"float32 [N, {size}, {size}, 3], RGB 0..255, the whole image resized to {size}x{size}. "
+                        f"Outputs {OUTPUT} and {CALIBRATED}: float32 [N, {len(first['classes'])}], classes "
+                        f"{', '.join(first['classes'])}.")
+    meta = metadata(checkpoints)
+    meta.update(extra or {})
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def metadata(checkpoints: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """hmnist's metadata_props of an export (all strings, JSON for structures)."""
+    from hmnist.models import CHECKPOINT_VERSION
+
+    from hmnist.calibration import ensemble_operating_points
+
+    first = checkpoints[0]
+    ttas = sorted({str(c.get("tta") or "none") for c in checkpoints})
+    return {
+        "hmnist_format": FORMAT,
+        "hmnist_version": str(VERSION),
+        "checkpoint_version": str(first.get("version", CHECKPOINT_VERSION)),
+        "model_name": str(first["model_name"]),
+        "arch": str(first["arch"]),
+        "classes": json.dumps(list(first["classes"])),
+        "input_size": str(int(first["input_size"])),
+        "prepare_size": str(int(first["prepare_size"])),
+        "input_layout": "NHWC float32 RGB 0..255",
+        "mean": json.dumps(list(first["mean"])),  # applied inside the graph; for reference
+        "std": json.dumps(list(first["std"])),
+        "tta": ttas[0] if len(ttas) == 1 else json.dumps([str(c.get("tta") or "none") for c in checkpoints]),
+        # one entry per checkpoint (null: none), as each member's calibration is its own
+        "calibration": json.dumps([c.get("calibration") for c in checkpoints]),
+        # an ensemble's: those every member has, at the mean threshold, as predict takes them
+        "operating_points": json.dumps(ensemble_operating_points(list(checkpoints))),
+        "members": str(len(checkpoints)),
+    }
+
+
+def reference_probs(checkpoints: Sequence[dict[str, Any]], images: np.ndarray, batch_size: int = 64
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, calibrated probabilities) of uint8 NHWC cache `images`, computed the way
+    evaluate and predict compute them (engine.inference_model, engine.predict_probs), on the CPU
+    in fp32, each checkpoint with its own views and calibration, averaged over checkpoints."""
+    import torch
+
+    from hmnist.calibration import apply
+    from hmnist.engine import inference_model, predict_probs
+
+    device = torch.device("cpu")
+    probs, calibrated = [], []
+    for checkpoint in checkpoints:
+        model, model_input = inference_model(checkpoint, device)
+        p = predict_probs(model, torch.from_numpy(np.ascontiguousarray(images)), model_input, batch_size, device,
+                          tta=str(checkpoint.get("tta") or "none"))
+        probs.append(p)
+        calibrated.append(apply(p, checkpoint.get("calibration")))
+    return np.mean(probs, axis=0), np.mean(calibrated, axis=0)
+
+
+def check(onnx_model: bytes, checkpoints: Sequence[dict[str, Any]], images: np.ndarray, what: str) -> float:
+    """The largest |ONNX Runtime - PyTorch| over both outputs on uint8 NHWC cache `images` (at
+    the checkpoints' prepare_size), which must be within TOLERANCE: else a UserError."""
+    model = OnnxModel(onnx_model, what)
+    ort_probs, ort_calibrated = model.run_cache(images)
+    ref_probs, ref_calibrated = reference_probs(checkpoints, images)
+    worst = float(max(np.abs(ort_probs - ref_probs).max(), np.abs(ort_calibrated - ref_calibrated).max()))
+    if not worst <= TOLERANCE:  # NaN fails too
+        raise UserError(f"the ONNX export of {checkpoints[0]['arch']} is wrong: ONNX Runtime's probabilities differ "
+                        f"from PyTorch's by up to {worst:.2g} on {len(images)} test images (tolerance {TOLERANCE:g}); "
+                        f"nothing was written")
+    return worst
+
+
+# -- reading an export back ----------------------------------------------------------------------
+
+class OnnxModel:
+    """An hmnist ONNX export, ready for ONNX Runtime (on the CPU): `hmnist predict --checkpoint
+    model.onnx` and `hmnist.load("model.onnx")`. It has a checkpoint's descriptive attributes
+    (classes, model_name, arch, input_size, prepare_size, tta, calibration, operating_points)."""
+
+    model = model_input = None  # no torch model: class-activation maps need the .pt
+
+    def __init__(self, source: str | os.PathLike | bytes, name: str | None = None):
+        _require_onnx()
+        import onnx
+        import onnxruntime as ort
+
+        if isinstance(source, bytes):
+            data, self.path = source, Path(name or "model.onnx")
+        else:
+            self.path = Path(source)
+            if not self.path.is_file():
+                raise UserError(f"checkpoint {self.path} not found: export one with `dvc repro export`")
+            data = self.path.read_bytes()
+        try:
+            proto = onnx.load_model_from_string(data)
+        except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file at all
+            raise UserError(f"{self.path} is not a readable ONNX file (truncated or another format): "
+                            f"{type(e).__name__}") from None
+        props = {p.key: p.value for p in proto.metadata_props}
+        if props.get("hmnist_format") != FORMAT:
+            raise UserError(f"{self.path} is not an hmnist export (no hmnist metadata in it): predict with the ONNX "
+                            f"file the export stage writes (export/model.onnx), or with a checkpoint (.pt)")
+        if props.get("hmnist_version") != str(VERSION):
+            raise UserError(f"{self.path} is hmnist export version {props.get('hmnist_version')}, this hmnist reads "
+                            f"version {VERSION}: export its checkpoint again (`dvc repro export`)")
+        from hmnist.models import CHECKPOINT_VERSION
+
+        if props.get("checkpoint_version") != str(CHECKPOINT_VERSION):
+            raise UserError(f"{self.path} was exported from a version {props.get('checkpoint_version')} checkpoint, "
+                            f"this hmnist reads version {CHECKPOINT_VERSION}: train and export it again")
+        try:
+            self.classes = [str(c) for c in json.loads(props["classes"])]
+            self.model_name, self.arch = props["model_name"], props["arch"]
+            self.input_size, self.prepare_size = int(props["input_size"]), int(props["prepare_size"])
+            self.tta = props["tta"]
+            self.calibration = json.loads(props["calibration"])
+            self.operating_points = json.loads(props["operating_points"])
+            self.members = int(props["members"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.path} is a damaged hmnist export: {type(e).__name__} {first_line(e, '')}".rstrip()
+                            ) from None
+        self.metadata = props
+        self.state = {"operating_points": self.operating_points}  # what predict's ensemble_operating_points reads
+        inputs, outputs = _shapes(proto.graph.input), _shapes(proto.graph.output)
+        expected_in = [None, self.input_size, self.input_size, 3]
+        expected_out = {OUTPUT: [None, len(self.classes)], CALIBRATED: [None, len(self.classes)]}
+        if list(inputs) != [INPUT] or inputs[INPUT] != expected_in or outputs != expected_out:
+            shown = lambda shapes: ", ".join(f"{k} {v}" for k, v in shapes.items()).replace("None", "N")  # noqa: E731
+            raise UserError(f"{self.path}'s graph ({shown(inputs)} -> {shown(outputs)}) is not the one its hmnist "
+                            f"metadata describes ({INPUT} [N, {self.input_size}, {self.input_size}, 3] -> "
+                            f"[N, {len(self.classes)}]): another architecture's graph; export the checkpoint again")
+        options = ort.SessionOptions()
+        # as many threads as torch uses (OMP_NUM_THREADS): ONNX Runtime alone would take every core
+        import torch
+
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3  # errors only: its warnings about unused initialisers say nothing to a user
+        try:
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime's own errors: a graph it cannot run
+            raise UserError(f"ONNX Runtime cannot run {self.path}: {first_line(e)}") from None
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.model_name}: {self.arch} at {self.input_size}px, from {self.path})"
+
+    encoding = None  # an export is of an image-only model (metadata models are refused at export)
+
+    def encoded_metadata(self, rows: Any, count: int) -> None:
+        """As a checkpoint's member: an export reads no metadata."""
+        return None
+
+    def outputs(self, images: torch.Tensor, batch_size: Any, device: Any = None, tta: str | None = None,
+                metadata: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """`hmnist predict`'s interface (as its checkpoints'): (probabilities, calibrated
+        probabilities) of a uint8 NHWC cache-size batch, with the views built into the graph
+        (predict refuses another `tta` before it gets here). `batch_size`: a number or
+        engine.BatchSize; ONNX Runtime runs on the CPU, whatever `device`."""
+        return self.run_cache(images.numpy(), int(getattr(batch_size, "size", batch_size)))
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, calibrated probabilities) of float32 NHWC `pixels` at the input size."""
+        probs, calibrated = self.session.run([OUTPUT, CALIBRATED], {INPUT: np.ascontiguousarray(pixels, np.float32)})
+        return probs, calibrated
+
+    def run_cache(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Both outputs for uint8 NHWC `images` at the cache size, resized as evaluation resizes
+        them (augment.ModelInput.planes: torch's antialiased bilinear, on the CPU)."""
+        import torch
+
+        from hmnist.augment import ModelInput
+
+        probs, calibrated = [], []
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            planes = ModelInput.planes(batch, self.input_size)
+            p, c = self.run(planes.permute(0, 2, 3, 1).numpy())
+            probs.append(p)
+            calibrated.append(c)
+        if not probs:
+            empty = np.zeros((0, len(self.classes)), np.float32)
+            return empty, empty
+        return np.concatenate(probs), np.concatenate(calibrated)
+
+
+def _shapes(values) -> dict[str, list[int | None]]:
+    """name -> dims (None for a symbolic one) of a graph's inputs or outputs."""
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in values}
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
