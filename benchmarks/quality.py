@@ -141,25 +141,11 @@ def tta_run(workdir: Path, run: dict, tta: str, src: Path) -> dict:
     model's TTA is in its checkpoint (models.<name>.tta), so the copy's is changed; its
     calibration stays the one fitted on the original views. A source tree from before
     per-model TTA reads evaluate.tta instead."""
-    import torch
+    def with_tta(params: dict) -> None:
+        if "tta" in params.get("evaluate", {}):
+            params["evaluate"]["tta"] = tta
 
-    source = workdir / "runs" / f"{run['config']}-{run['seed']}"
-    project = workdir / "runs" / f"{run['config']}+tta-{tta}-{run['seed']}"
-    shutil.rmtree(project, ignore_errors=True)
-    (project / "models").mkdir(parents=True)
-    (project / "data").symlink_to((source / "data").resolve())
-    checkpoint = torch.load(source / "models/model.pt", map_location="cpu", weights_only=True)
-    checkpoint["tta"] = tta
-    torch.save(checkpoint, project / "models/model.pt")
-    shutil.copytree(source / "dvclive", project / "dvclive")
-    params = yaml.safe_load((source / "params.yaml").read_text())
-    if "tta" in params.get("evaluate", {}):
-        params["evaluate"]["tta"] = tta
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run_stage("evaluate", project, src, project / "log.txt")
-    result = collect(project, (source / "data").resolve(), params, None)
-    return {**result, "train_seconds": run["train_seconds"], "train_images_per_second": run["train_images_per_second"],
-            "loop_images_per_second": run.get("loop_images_per_second")}
+    return reevaluated(workdir, run, f"tta-{tta}", src, lambda checkpoint: checkpoint.update(tta=tta), with_tta)
 
 
 def uses_metadata(params: dict) -> bool:
@@ -169,15 +155,26 @@ def uses_metadata(params: dict) -> bool:
 def no_metadata_run(workdir: Path, run: dict, src: Path) -> dict:
     """A finished metadata run's checkpoint evaluated again with every field removed
     (evaluate.remove_metadata), as an image without metadata is predicted: no training."""
+    return reevaluated(workdir, run, "no-metadata", src, lambda checkpoint: None,
+                       lambda params: params["evaluate"].update(remove_metadata=FIELDS))
+
+
+def reevaluated(workdir: Path, run: dict, label: str, src: Path, edit_checkpoint, edit_params) -> dict:
+    """The evaluate stage again on a copy of a finished run's project (CONFIG+LABEL-SEED), its
+    checkpoint and params.yaml changed by the two edits: figures that cost no training."""
+    import torch
+
     source = workdir / "runs" / f"{run['config']}-{run['seed']}"
-    project = workdir / "runs" / f"{run['config']}+no-metadata-{run['seed']}"
+    project = workdir / "runs" / f"{run['config']}+{label}-{run['seed']}"
     shutil.rmtree(project, ignore_errors=True)
     (project / "models").mkdir(parents=True)
     (project / "data").symlink_to((source / "data").resolve())
-    shutil.copy(source / "models/model.pt", project / "models/model.pt")
+    checkpoint = torch.load(source / "models/model.pt", map_location="cpu", weights_only=True)
+    edit_checkpoint(checkpoint)
+    torch.save(checkpoint, project / "models/model.pt")
     shutil.copytree(source / "dvclive", project / "dvclive")
     params = yaml.safe_load((source / "params.yaml").read_text())
-    params["evaluate"]["remove_metadata"] = FIELDS
+    edit_params(params)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_stage("evaluate", project, src, project / "log.txt")
     result = collect(project, (source / "data").resolve(), params, None)

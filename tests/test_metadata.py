@@ -35,7 +35,7 @@ from hmnist.stages.train import train
 from hmnist.synthetic import metadata_frame
 
 from conftest import TINY_ARCH, prepared_split, run, tiny_params
-from test_predict import ARCHIVE, assert_user_error, extract, main_error, split_ids
+from test_predict import ARCHIVE, assert_user_error, extract, main_error, split_ids, staged_project
 
 CPU = torch.device("cpu")
 FIELDS = list(METADATA_FIELDS)
@@ -244,12 +244,7 @@ def trained(synthetic_zip, tmp_path_factory) -> Path:
     params = tiny_params(synthetic_zip)
     params["models"]["resnet9"].update(tta="hflip", metadata=FIELDS, epochs=3, lr=1e-2)
     params["train"]["calibration"] = "temperature"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ARCHIVE).parent.mkdir(parents=True)
-    shutil.copy(synthetic_zip, root / ARCHIVE)
-    for stage in ("prepare", "split", "train", "evaluate"):
-        run([sys.executable, "-m", f"hmnist.stages.{stage}"], root)
-    return root
+    return staged_project(root, params, synthetic_zip)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,12 @@ def trained(synthetic_zip, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("predict_project")
     params = tiny_params(synthetic_zip, "resnet9")
     params["models"]["resnet9"]["tta"] = "hflip"  # evaluate and predict must both take the checkpoint's
+    return staged_project(root, params, synthetic_zip)
+
+
+def staged_project(root: Path, params: dict, synthetic_zip: Path) -> Path:
+    """`root` as a project with `params` and the synthetic archive, after prepare, split, train
+    and evaluate, each run as `python -m hmnist.stages.NAME` (no dvc needed)."""
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ARCHIVE).parent.mkdir(parents=True)
     shutil.copy(synthetic_zip, root / ARCHIVE)
