@@ -29,9 +29,9 @@ STAGES = {name: stage["cmd"].split("python -m hmnist.")[1].split()[0] for name, 
 ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage in DEFS.items()}
 # every module of the package, dotted below hmnist: "config", "stages.train", "commands.cli"
 MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
-LIBRARY = {"config", "data", "models", "engine", "augment", "metrics", "calibration", "distributed", "errors", "cam", "runs",
-           "synthetic"}
-COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.bench", "commands.cli"}
+LIBRARY = {"config", "data", "models", "weights", "engine", "augment", "metrics", "calibration", "distributed",
+           "errors", "cam", "runs", "synthetic"}
+COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, the __init__.py files only docstrings and
 # the `hmnist.load` entry point.
