@@ -35,7 +35,8 @@ import yaml
 
 from hmnist.augment import memory_format
 from hmnist.config import CLASSES, ModelConfig, Params, parse_params
-from hmnist.engine import autocast, deterministic, epoch_batches, param_groups, resolve_device
+from hmnist.engine import autocast, deterministic, resolve_device
+from hmnist.training import epoch_batches, param_groups
 from hmnist.models import create_model, data_config
 # the stage's own set-up and step, private to it: this benchmark is their one outside caller, and
 # tests/test_bench.py holds its steps to the stage's weights

@@ -11,8 +11,8 @@ from conftest import TINY_ARCH, LimitedGpu, prepared_split, tiny_params
 from hmnist.augment import ModelInput
 from hmnist.config import CLASSES, ModelConfig, parse_params
 from hmnist.data import load_prepared, split_rows
-from hmnist.engine import (SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda,
-                           make_scheduler, param_groups)
+from hmnist.training import (SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda,
+                             make_scheduler, param_groups)
 from hmnist.errors import UserError
 from hmnist.models import create_model
 from hmnist.stages.prepare import prepare
@@ -196,7 +196,7 @@ def test_calibration_and_thresholds_come_from_the_validation_split_alone(data, s
     saw are the validation lesions' and no test lesion's."""
     from hmnist import calibration
     from hmnist.augment import ModelInput
-    from hmnist.engine import predict_probs
+    from hmnist.inference import predict_probs
 
     images, index, split = data
     seen = []
@@ -366,7 +366,7 @@ def test_validation_out_of_memory_halves_the_batch(data, synthetic_zip, monkeypa
     ("swin_tiny_patch4_window7_224", {"layers.0.blocks.0.attn.relative_position_bias_table", "head.fc.bias"}),
 ])
 def test_weight_decay_groups_follow_timm(arch, no_decay):
-    from hmnist.engine import param_groups
+    from hmnist.training import param_groups
 
     model = create_model(ModelConfig(arch=arch, resize=224))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -380,7 +380,7 @@ def test_weight_decay_groups_follow_timm(arch, no_decay):
 
 
 def test_layer_decay_scales_each_layer(monkeypatch):
-    from hmnist.engine import param_groups
+    from hmnist.training import param_groups
 
     model = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=32))
     names = {id(p): n for n, p in model.named_parameters()}

@@ -275,7 +275,7 @@ class Augment:
 class Mixer:
     """Mixup / CutMix of a training batch (timm's `Mixup`, in batch mode: one mixing ratio per
     batch, each image paired with the batch reversed): mixed images and soft targets, rows of
-    class proportions that engine.SmoothedCrossEntropy smooths and weights. timm draws from
+    class proportions that training.SmoothedCrossEntropy smooths and weights. timm draws from
     numpy's global generator, which the training state saves and restores. An odd batch leaves
     its last image unmixed (timm pairs images two by two)."""
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from hmnist.config import CLASSES, DEVICES, TTA
+from hmnist.config import CLASS_COLUMNS, CLASSES, DEVICES, TTA
 from hmnist.errors import UserError, at_least, cli
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
@@ -115,7 +115,7 @@ class _Member:
     """One checkpoint of a Predictor: its model and preprocessing."""
 
     def __init__(self, path: Path, device: torch.device):
-        from hmnist.engine import inference_model
+        from hmnist.inference import inference_model
         from hmnist.models import damaged_checkpoint, load_checkpoint
 
         self.path = path
@@ -174,12 +174,8 @@ class Predictor:
 
     @property
     def model(self) -> torch.nn.Module:
-        """The (first) checkpoint's model; replaceable, e.g. by a test's wrapper."""
+        """The (first) checkpoint's model."""
         return self.members[0].model
-
-    @model.setter
-    def model(self, value: torch.nn.Module) -> None:
-        self.members[0].model = value
 
     @property
     def model_input(self):
@@ -218,7 +214,7 @@ class Predictor:
         from tqdm import tqdm
 
         from hmnist import calibration
-        from hmnist.engine import BatchSize, predict_probs
+        from hmnist.inference import BatchSize, predict_probs
         from hmnist.metrics import submission_frame
 
         if isinstance(paths, (str, os.PathLike)):
@@ -279,7 +275,7 @@ class Predictor:
 
         from hmnist.calibration import decisions
 
-        columns = [c.upper() for c in CLASSES]
+        columns = CLASS_COLUMNS
         out = pd.DataFrame({"image": submission["image"],
                             "class": [CLASSES[i] for i in submission[columns].to_numpy().argmax(1)]})
         for name, flagged in decisions(calibrated[columns].to_numpy(), self.operating_points).items():

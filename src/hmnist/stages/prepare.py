@@ -28,11 +28,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from hmnist.config import CLASSES, load_params
-from hmnist.data import ARCHIVE, IMAGES_FILE, INDEX_FILE, PREPARED, decode_image
+from hmnist.config import CLASS_INDEX, CLASSES, load_params
+from hmnist.data import ARCHIVE, IMAGES_FILE, INDEX_FILE, METADATA, PREPARED, decode_image
 from hmnist.errors import UserError, cli
 
-METADATA = "HAM10000_metadata.csv"
 COLUMNS = ("image_id", "lesion_id", "dx")  # the metadata columns this stage reads
 # The Kaggle zip holds every image twice: in these folders and in lower-case copies of them.
 # The upper-case ones are the dataset's own names, so they win; the copies are a fallback.
@@ -75,7 +74,7 @@ def read_metadata(archive: zipfile.ZipFile) -> list[dict]:
         raise UserError(f"{METADATA} has unknown dx label(s) {', '.join(map(repr, unknown))} "
                         f"(e.g. image {example}); known: {', '.join(CLASSES)}")
     for row in rows:
-        row["label"] = CLASSES.index(row["dx"])
+        row["label"] = CLASS_INDEX[row["dx"]]
     return sorted(rows, key=lambda r: r["image_id"])
 
 

@@ -7,7 +7,7 @@ is that epoch's candidate. The checkpoint keeps the last epoch's (default), the 
 the best by a 3-epoch mean of the validation score (`train.select`). After every epoch the
 full training state is saved under models/.resume/, so an interrupted run continues where it
 stopped. With `train.devices` above 1, the stage starts one process per device through
-torchrun (hmnist.distributed); each trains on its share of every batch, and rank 0 alone writes.
+torchrun (hmnist.distributed, hmnist.collectives); each trains on its share of every batch, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
-from hmnist import calibration, distributed
+from hmnist import calibration, collectives, distributed, gpus
 from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, Params, load_params
 from hmnist.data import PREPARED, fold_paths, fold_split, load_folds, load_prepared, load_split, split_rows
-from hmnist.engine import (BatchSize, SmoothedCrossEntropy, backward_batch, class_weights, deterministic,
-                           epoch_batches, make_scheduler, param_groups, predict_probs, resolve_device, rng_state,
-                           set_rng_state, to_device)
+from hmnist.engine import deterministic, resolve_device, rng_state, set_rng_state, to_device
+from hmnist.inference import BatchSize, predict_probs
+from hmnist.training import (SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, make_scheduler,
+                             param_groups)
 from hmnist.errors import UserError, cli
 from hmnist.metrics import summary_metrics
 from hmnist.models import create_model, data_config, save_checkpoint
@@ -95,7 +96,7 @@ class Run:
     """One training run: its data and objective on the device, what it trains, and how far it has
     got (the last five fields, with the weights, are what the resume state saves)."""
     params: Params
-    ranks: distributed.Ranks
+    ranks: collectives.Ranks
     device: torch.device
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -160,8 +161,8 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     """Everything a run needs. The order is part of the result: the model's initialisation
     draws from the seeds set first."""
     config, tc = params.model_config, params.train
-    ranks = distributed.ranks()
-    device = distributed.device(tc.device, ranks, resolve_device(tc.device))
+    ranks = collectives.ranks()
+    device = gpus.device(tc.device, ranks, resolve_device(tc.device))
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
 
@@ -190,7 +191,7 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
                                   lr=config.lr, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, tc.schedule, round(warmup_epochs(params) * steps_per_epoch),
                                config.epochs * steps_per_epoch)
-    step_model = distributed.data_parallel(model, device, ranks)
+    step_model = collectives.data_parallel(model, device, ranks)
     step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     return Run(params=params, ranks=ranks, device=device, train_images=train_images, train_labels=train_labels,
@@ -209,7 +210,7 @@ def _resume(run: Run, resume_path: Path | None, live: Any) -> None:
     state = None
     if resume_path is not None and resume_path.exists() and run.ranks.main:
         state = torch.load(resume_path, map_location="cpu", weights_only=True)  # loading copies to the device
-    state = distributed.from_main(state)  # rank 0's: every rank resumes alike, on other machines too
+    state = collectives.from_main(state)  # rank 0's: every rank resumes alike, on other machines too
     if state is None:
         return
     run.model.load_state_dict(state["model"])
@@ -240,7 +241,7 @@ def _train_epoch(run: Run, epoch: int) -> float:
         losses.append(_train_step(run, batch))
         if i % 20 == 0:  # reading the loss waits for the GPU: not every step
             bar.set_postfix(loss=f"{losses[-1].item() * run.ranks.world:.3f}")
-    return distributed.all_sum(torch.stack(losses).mean()).item()  # the ranks' parts of each batch's loss
+    return collectives.all_sum(torch.stack(losses).mean()).item()  # the ranks' parts of each batch's loss
 
 
 def _train_step(run: Run, batch: torch.Tensor) -> torch.Tensor:
@@ -295,7 +296,7 @@ def _validate(run: Run) -> dict[str, dict[str, float]]:
     vals = {name: evaluate_split(model, run.val_images, run.val_labels, run.model_input, run.val_batch_size,
                                  run.device)
             for name, model in _candidates(run).items()} if run.ranks.main else None
-    return distributed.from_main(vals)
+    return collectives.from_main(vals)
 
 
 def _print_epoch(run: Run, record: dict[str, float], vals: dict[str, dict[str, float]]) -> None:
@@ -332,7 +333,7 @@ def _save_state(run: Run, resume_path: Path | None, epoch: int) -> None:
     """The whole training state after `epoch`, written whole or not at all (an interrupted
     write leaves the previous state)."""
     # every rank's generator state, gathered on every rank (a collective: all take part)
-    rng = distributed.gather(rng_state(run.generator)) if run.ranks.world > 1 else rng_state(run.generator)
+    rng = collectives.gather(rng_state(run.generator)) if run.ranks.world > 1 else rng_state(run.generator)
     if resume_path is None or not run.ranks.main:
         return
     resume_path.parent.mkdir(parents=True, exist_ok=True)
@@ -467,7 +468,7 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> None:
         _main(params, fold, ranks)
 
 
-def _main(params: Params, fold: int, ranks: distributed.Ranks) -> None:
+def _main(params: Params, fold: int, ranks: collectives.Ranks) -> None:
     from dvclive import Live
 
     split = fold_split(load_split(), load_folds(), fold)  # this fold's images are its val split
