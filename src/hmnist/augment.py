@@ -145,6 +145,11 @@ _COLUMNS = dict(zip(FIELDS, (slice(end - width, end) for end, width in
                              zip(itertools.accumulate(FIELDS.values()), FIELDS.values()))))
 
 
+def _field(name: str, doc: str) -> property:
+    """A read-only view of the quantity `name`'s columns."""
+    return property(lambda draws: draws.values[:, _COLUMNS[name]], doc=doc)
+
+
 @dataclass(frozen=True)
 class Draws:
     """A batch's augmentation draws, one row per image, each quantity by its name (FIELDS): views
@@ -163,43 +168,14 @@ class Draws:
     def __len__(self) -> int:
         return len(self.values)
 
-    @property
-    def crop_area(self) -> torch.Tensor:
-        """(n, 1): the crop's area, a fraction of the image's."""
-        return self.values[:, _COLUMNS["crop_area"]]
-
-    @property
-    def log_ratio(self) -> torch.Tensor:
-        """(n, 1): the log of the crop's width / height."""
-        return self.values[:, _COLUMNS["log_ratio"]]
-
-    @property
-    def angle(self) -> torch.Tensor:
-        """(n, 1): the rotation, radians."""
-        return self.values[:, _COLUMNS["angle"]]
-
-    @property
-    def flips(self) -> torch.Tensor:
-        """(n, 2): horizontal, vertical; an image is flipped that way where below 0.5."""
-        return self.values[:, _COLUMNS["flips"]]
-
-    @property
-    def centre(self) -> torch.Tensor:
-        """(n, 2): the crop's centre, x and y, from -1 to 1 of the room the crop leaves."""
-        return self.values[:, _COLUMNS["centre"]]
-
-    @property
-    def brightness(self) -> torch.Tensor:
-        """(n, 1): the colour jitter's brightness factor; `contrast` and `saturation` alike."""
-        return self.values[:, _COLUMNS["brightness"]]
-
-    @property
-    def contrast(self) -> torch.Tensor:
-        return self.values[:, _COLUMNS["contrast"]]
-
-    @property
-    def saturation(self) -> torch.Tensor:
-        return self.values[:, _COLUMNS["saturation"]]
+    crop_area = _field("crop_area", "(n, 1): the crop's area, a fraction of the image's")
+    log_ratio = _field("log_ratio", "(n, 1): the log of the crop's width / height")
+    angle = _field("angle", "(n, 1): the rotation, radians")
+    flips = _field("flips", "(n, 2): horizontal, vertical; an image is flipped that way where below 0.5")
+    centre = _field("centre", "(n, 2): the crop's centre, x and y, from -1 to 1 of the room the crop leaves")
+    brightness = _field("brightness", "(n, 1): the colour jitter's brightness factor")
+    contrast = _field("contrast", "(n, 1): the colour jitter's contrast factor")
+    saturation = _field("saturation", "(n, 1): the colour jitter's saturation factor")
 
 
 class Augment:
