@@ -106,18 +106,17 @@ def test_shards_add_up_to_the_whole_batch_gradient():
     features, targets = torch.randn(7, 5), torch.tensor([0, 1, 1, 1, 2, 5, 6])
     weights = class_weights(np.array([0, 1, 1, 1, 1, 1, 2, 5, 6]), 1.0)
     criterion = SmoothedCrossEntropy(weights, 0.1)
-    batch = torch.arange(7)
 
     def grad(ranks: Ranks) -> torch.Tensor:
         model.zero_grad()
-        backward_batch(model, lambda rows: features[rows], targets, criterion, weights, batch, 1,
-                       torch.device("cpu"), ranks.shard, ranks.world)
+        backward_batch(model, lambda rows: features[rows], targets, criterion, 1, torch.device("cpu"), ranks)
         return model.weight.grad.clone()
 
     whole = grad(Ranks())
     averaged = (grad(Ranks(0, 2)) + grad(Ranks(1, 2))) / 2
     assert torch.allclose(averaged, whole, atol=1e-6)
-    assert Ranks(0, 2).shard(batch).tolist() == [0, 1, 2, 3] and Ranks(1, 2).shard(batch).tolist() == [4, 5, 6]
+    positions = torch.arange(7)
+    assert Ranks(0, 2).shard(positions).tolist() == [0, 1, 2, 3] and Ranks(1, 2).shard(positions).tolist() == [4, 5, 6]
 
 
 # -- the train stage under torchrun -------------------------------------------------------------

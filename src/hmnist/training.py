@@ -5,15 +5,19 @@ epoch's batches.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hmnist.collectives import Ranks
 from hmnist.config import CLASSES
 from hmnist.engine import autocast
+
+if TYPE_CHECKING:
+    from hmnist.augment import Mixer
 
 
 def class_weights(labels: np.ndarray, power: float) -> torch.Tensor:
@@ -41,13 +45,18 @@ class SmoothedCrossEntropy(nn.Module):
       BENCHMARKS.md, "Fine-tuning EfficientNet-Lite0").
 
     Either way the train stage divides the batch's summed loss by the batch's total class
-    weight, as nn.CrossEntropyLoss's mean does.
+    weight (`total_weight`), as nn.CrossEntropyLoss's mean does.
     """
 
     def __init__(self, weights: torch.Tensor | None, smoothing: float, num_classes: int = len(CLASSES),
                  per_class: bool = True):
         super().__init__()
         self.weights, self.smoothing, self.num_classes, self.per_class = weights, smoothing, num_classes, per_class
+
+    def total_weight(self, labels: torch.Tensor) -> torch.Tensor | int:
+        """What a batch with these labels divides its summed loss by: its total class weight
+        (the number of images when unweighted)."""
+        return self.weights[labels].sum() if self.weights is not None else len(labels)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = logits.log_softmax(dim=1)
@@ -103,36 +112,38 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
 
 
-def backward_batch(model: nn.Module, inputs, targets: torch.Tensor, criterion: nn.Module,
-                   loss_weights: torch.Tensor | None, batch: torch.Tensor, micro_batches: int,
-                   device: torch.device, shard=lambda rows: rows, ranks: int = 1, mix=None) -> torch.Tensor:
+def backward_batch(model: nn.Module, inputs: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                   criterion: SmoothedCrossEntropy, micro_batches: int, device: torch.device,
+                   ranks: Ranks = Ranks(), mix: Mixer | None = None) -> torch.Tensor:
     """Accumulate the gradient of one batch's mean loss over `micro_batches` forward passes;
-    with data parallelism, of this rank's `shard` of the batch, out of `ranks`.
+    with data parallelism, of this rank's share of the batch (`ranks.shard`).
 
-    Each micro-batch's summed loss is divided by the whole batch's weight (what a weighted
-    mean-reduced cross-entropy divides by), so the gradient is the full batch's, exactly,
-    for models without batch statistics. Likewise over ranks: every shard is divided by the
-    whole batch's weight (not its own, which differs from shard to shard with class weights
-    or unequal shards), and times `ranks`, since DDP averages the ranks' gradients: the
-    average is then the sum of the shards' gradients, the whole batch's. Returns this rank's
-    part of the batch's loss (the ranks' parts sum to it).
+    `labels`: the whole batch's; `inputs(positions)`: the model's input for those positions of
+    the batch (a micro-batch of this rank's share). Each micro-batch's summed loss is divided by
+    the whole batch's weight (`criterion.total_weight`, what a weighted mean-reduced
+    cross-entropy divides by), so the gradient is the full batch's, exactly, for models without
+    batch statistics. Likewise over ranks: every shard is divided by the whole batch's weight
+    (not its own, which differs from shard to shard with class weights or unequal shards), and
+    times the number of ranks, since DDP averages the ranks' gradients: the average is then the
+    sum of the shards' gradients, the whole batch's. Returns this rank's part of the batch's
+    loss (the ranks' parts sum to it).
 
     `mix` (augment.Mixer) turns a micro-batch's inputs and labels into mixed inputs and soft
     targets. It pairs images within the micro-batch (this rank's, when several), which keeps
     the batch's total weight; so with Mixup, micro-batches and processes change which images
     are mixed together.
     """
-    labels = targets[batch]
-    total_weight = loss_weights[labels].sum() if loss_weights is not None else len(batch)
-    total = torch.zeros((), device=targets.device)
-    for chunk in shard(batch).tensor_split(micro_batches):
-        x, y = inputs(chunk), targets[chunk]
+    total_weight = criterion.total_weight(labels)
+    total = torch.zeros((), device=labels.device)
+    positions = torch.arange(len(labels), device=labels.device)
+    for chunk in ranks.shard(positions).tensor_split(micro_batches):
+        x, y = inputs(chunk), labels[chunk]
         if mix is not None:
             x, y = mix(x, y)
         with autocast(device):  # the forward pass only; the loss is taken in fp32
             logits = model(x)
         loss = criterion(logits.float(), y).sum() / total_weight
-        (loss * ranks).backward()
+        (loss * ranks.world).backward()
         total += loss.detach()  # stays on the device: a .item() here would stall the GPU every step
     return total
 

@@ -107,7 +107,6 @@ class Run:
     generator: torch.Generator  # batch sampling and augmentation
     augment: Augment | None
     criterion: SmoothedCrossEntropy
-    loss_weights: torch.Tensor | None
     sample_weights: torch.Tensor | None
     mixer: Mixer | None
     batch_size: int
@@ -197,7 +196,7 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     return Run(params=params, ranks=ranks, device=device, train_images=train_images, train_labels=train_labels,
                val_images=val_images, val_labels=labels[val_rows], val_lesions=index["lesion_id"].to_numpy()[val_rows],
                model_input=model_input, generator=generator,
-               augment=augment, criterion=criterion, loss_weights=loss_weights, sample_weights=sample_weights,
+               augment=augment, criterion=criterion, sample_weights=sample_weights,
                mixer=mixer, batch_size=batch_size,
                # inference keeps no activations for backward: twice the training batch fits where
                # it does (and predict_probs halves it if not), and the batch size does not change the result
@@ -256,11 +255,10 @@ def _train_step(run: Run, batch: torch.Tensor) -> torch.Tensor:
     def inputs(at: torch.Tensor) -> torch.Tensor:  # positions in the batch
         return run.model_input(run.train_images[batch[at]], run.augment, None if draws is None else draws[at])
 
-    positions = torch.arange(len(batch), device=batch.device)
     while True:
         try:
-            loss = backward_batch(run.step_model, inputs, labels, run.criterion, run.loss_weights, positions,
-                                  run.accum, run.device, ranks.shard, ranks.world, run.mixer)
+            loss = backward_batch(run.step_model, inputs, labels, run.criterion, run.accum, run.device, ranks,
+                                  run.mixer)
             if tc.clip_grad > 0:  # after DDP's all-reduce: every rank clips the same gradient
                 dispatch_clip_grad(run.model.parameters(), tc.clip_grad, mode=tc.clip_mode)
             run.optimizer.step()
