@@ -296,11 +296,11 @@ def test_interrupted_run_resumes_to_the_same_weights(data, synthetic_zip, tmp_pa
     real_evaluate = interrupt_second_epoch(monkeypatch, validations_per_epoch=2)  # raw and EMA weights
     with pytest.raises(KeyboardInterrupt):
         train(params, images, index, split, resume_path=resume)
-    assert torch.load(resume, weights_only=True)["epoch"] == 0  # stopped after the first epoch
+    assert torch.load(resume, weights_only=True)["epochs_done"] == 1  # stopped after the first epoch
     monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
     _, resumed = train(params, images, index, split, resume_path=resume)
     expected, got = torch.load(whole, weights_only=True), torch.load(resume, weights_only=True)
-    assert got["epoch"] == expected["epoch"] == 2
+    assert got["epochs_done"] == expected["epochs_done"] == 3
     for part in ("model", "ema"):  # the last epoch's weights, tensor by tensor
         for name, tensor in expected[part].items():
             assert torch.equal(tensor, got[part][name]), (part, name)
