@@ -26,11 +26,11 @@ fi
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee "$OUT/versions.txt"
 $PY -m dvc version 2>&1 | head -3 | tee -a "$OUT/versions.txt"
 step() { local name=$1; shift; echo "== $name"; local s=$(date +%s); timeout "$@"; echo "== $name: exit $? in $(( $(date +%s) - s )) s"; }
-step deit 150 $PY -m hmnist.bench --model deit --ways model,pipeline,input --steps 200 --rounds 5 --warmup 20 --profile 10 $B --json "$OUT/deit.json"
-step notebook 150 $PY -m hmnist.bench --model deit --ways pipeline,notebook --notebook-workers 16 --steps 100 --rounds 3 $B --workdir "$W" --json "$OUT/deit_notebook.json"
-step swin 90 $PY -m hmnist.bench --model swin --ways model,pipeline --steps 50 --rounds 3 $B --json "$OUT/swin.json"
-step resnet9 90 $PY -m hmnist.bench --model resnet9 --ways model,pipeline,input --steps 100 --rounds 3 $B --json "$OUT/resnet9.json"
+step deit 150 $PY benchmarks/train_step.py --model deit --ways model,pipeline,input --steps 200 --rounds 5 --warmup 20 --profile 10 $B --json "$OUT/deit.json"
+step notebook 150 $PY benchmarks/train_step.py --model deit --ways pipeline,notebook --notebook-workers 16 --steps 100 --rounds 3 $B --workdir "$W" --json "$OUT/deit_notebook.json"
+step swin 90 $PY benchmarks/train_step.py --model swin --ways model,pipeline --steps 50 --rounds 3 $B --json "$OUT/swin.json"
+step resnet9 90 $PY benchmarks/train_step.py --model resnet9 --ways model,pipeline,input --steps 100 --rounds 3 $B --json "$OUT/resnet9.json"
 step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-[ -n "${COMPILE:-}" ] && step compile 200 $PY -m hmnist.bench --model deit --ways model,pipeline --compile --steps 200 --rounds 3 $B --json "$OUT/deit_compile.json"
-step repro 330 $PY -m hmnist.bench --repro $R --json "$OUT/repro.json"
+[ -n "${COMPILE:-}" ] && step compile 200 $PY benchmarks/train_step.py --model deit --ways model,pipeline --compile --steps 200 --rounds 3 $B --json "$OUT/deit_compile.json"
+step repro 330 $PY benchmarks/repro.py $R --json "$OUT/repro.json"
 rm -rf "$W"

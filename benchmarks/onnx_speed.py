@@ -34,7 +34,7 @@ import torch
 
 from hmnist.calibration import apply
 from hmnist.config import CLASSES, load_params
-from hmnist.engine import inference_model, predict_probs
+from hmnist.inference import inference_model, predict_probs
 from hmnist.models import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, create_model, data_config, load_checkpoint
 from hmnist.onnx_export import OnnxModel, export
 

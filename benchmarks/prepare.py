@@ -31,7 +31,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from hmnist.synthetic import METADATA, image_folder, write_dataset
+from hmnist.data import METADATA
+from hmnist.synthetic import image_folder, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 224

@@ -17,7 +17,7 @@ from timm.utils import dispatch_clip_grad
 
 import hmnist.models  # noqa: F401  registers resnet9 with timm
 from hmnist.augment import Augment, ModelInput
-from hmnist.engine import SmoothedCrossEntropy, class_weights, param_groups
+from hmnist.training import SmoothedCrossEntropy, class_weights, param_groups
 
 PHASES = ("input", "forward", "loss", "backward", "clip", "optimizer")
 

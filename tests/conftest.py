@@ -114,6 +114,18 @@ class LimitedGpu(nn.Module):
         return self.inner(x)
 
 
+def balanced_accuracy_of(project: Path) -> float:
+    """The balanced accuracy of a finished run's own test predictions (predictions/test.csv),
+    by scikit-learn: what its metrics.json must say."""
+    import pandas as pd
+    from sklearn.metrics import balanced_accuracy_score
+
+    from hmnist.config import CLASS_COLUMNS, CLASS_INDEX
+
+    predictions = pd.read_csv(project / "predictions/test.csv")
+    return balanced_accuracy_score(predictions["dx"].map(CLASS_INDEX), predictions[CLASS_COLUMNS].to_numpy().argmax(1))
+
+
 def prepared_split(folder: Path, archive: Path):
     """An archive prepared at 32 px into `folder` and split as the split stage does with
     tiny_params: (images, index, split)."""

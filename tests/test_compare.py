@@ -1,6 +1,6 @@
 """hmnist compare on predictions CSV files: the paired test, its verdicts, its errors, and the
 recipe comparison over several runs per side (with a known-answer simulation).
-(On experiments and git revisions: tests/test_share.py.)"""
+(On experiments and git revisions: tests/test_pipeline.py.)"""
 import json
 
 import numpy as np

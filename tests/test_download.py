@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from hmnist.config import DataConfig
-from hmnist.stages.download import ENDPOINT_VARIABLE, METADATA, download
+from hmnist.data import METADATA
+from hmnist.stages.download import ENDPOINT_VARIABLE, download
 from hmnist.errors import UserError
 from hmnist.synthetic import write_dataset
 

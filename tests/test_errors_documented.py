@@ -109,6 +109,9 @@ UNMATCHABLE = {
         "the missing file is a placeholder; documented as `{run} has no models/model.pt ...` and the like",
     ("stages/download.py", "cannot read {}: {}"):
         "'cannot read' alone is in several messages; documented as `cannot read {path}: {reason}` under download",
+    ("commands/report.py", "{}'s {}: {}"):
+        "the checkpoint's path is runs.CHECKPOINT, derived from data.py's (no literal); documented as "
+        "`{run}'s models/model.pt: {a checkpoint error above}`",
     ("stages/prepare.py", "cannot read {}: {}"):
         "'cannot read' alone is in several messages; documented as `cannot read {zip}: {reason}`",
     ("stages/prepare.py", "error"):

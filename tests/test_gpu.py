@@ -75,7 +75,8 @@ def test_deterministic_gpu_runs_are_identical():
 
 
 def test_cuda_augment_matches_its_definition():
-    from hmnist.augment import Augment, ModelInput, colour_affine, jitter_reference
+    from hmnist.augment import Augment, ModelInput, colour_affine
+    from test_augment import PIXEL_HIGH, PIXEL_LOW, jitter_reference
 
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = torch.randint(0, 256, (64, 224, 224, 3), dtype=torch.uint8, device="cuda", generator=g)
@@ -83,8 +84,8 @@ def test_cuda_augment_matches_its_definition():
     u = augment.draw(len(batch))
     warped = augment.geometry(batch.permute(0, 3, 1, 2).float(), u)
     matrix, offset = augment.colour(warped, u)
-    fused = colour_affine(warped, matrix, offset, augment.pixel_low, augment.pixel_high)
-    b, c, s = (u[:, i].double() for i in (7, 8, 9))
+    fused = colour_affine(warped, matrix, offset, PIXEL_LOW.cuda(), PIXEL_HIGH.cuda())
+    b, c, s = (factor[:, 0].double() for factor in (u.brightness, u.contrast, u.saturation))
     reference = jitter_reference(warped.double(), b, c, s)
     assert ((fused.double() - reference).norm() / reference.norm()) < 1e-5
     x = ModelInput(224, (0.5,) * 3, (0.25,) * 3, torch.device("cuda"))(batch, augment)

@@ -6,6 +6,7 @@ reads HF_ENDPOINT, HF_HUB_OFFLINE and friends at import. Only loopback addresses
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ ARCH = "deit_tiny_patch16_224"
 CHECK = f"""
 import time
 from hmnist.errors import cli
-from hmnist.models import _check_hub
+from hmnist.weights import _check_hub
 start = time.monotonic()
 try:
     cli(lambda: _check_hub({ARCH!r}))()
@@ -32,7 +33,9 @@ print("reachable")
 
 
 def run_python(code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
-    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path)}
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path),
+            # the package under test, where it is not the one installed (a worktree's src/)
+            **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**base, **env})
 

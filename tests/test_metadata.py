@@ -26,7 +26,7 @@ from hmnist.commands import predict as predict_module
 from hmnist.commands.report import used_metadata
 from hmnist.config import METADATA_FIELDS, ModelConfig, parse_params
 from hmnist.data import load_prepared, load_split, split_rows
-from hmnist.engine import inference_model, predict_probs
+from hmnist.inference import inference_model, predict_probs
 from hmnist.errors import UserError
 from hmnist.fusion import Encoding, FusedModel, drop_fields, encoded_for, fuse
 from hmnist.models import create_model, load_checkpoint, model_from_checkpoint, save_checkpoint

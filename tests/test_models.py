@@ -10,8 +10,8 @@ from hmnist.config import ModelConfig
 from hmnist.errors import UserError
 from hmnist.augment import ModelInput
 from hmnist.data import decode_image
-from hmnist.models import (PACKAGED_WEIGHTS, create_model, data_config, load_checkpoint, map_in_order,
-                           model_from_checkpoint, save_checkpoint)
+from hmnist.models import create_model, data_config, load_checkpoint, model_from_checkpoint, save_checkpoint
+from hmnist.weights import PACKAGED_WEIGHTS, map_in_order, weight_source
 
 ARCHS = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224", "resnet9": "resnet9",
          "lite0": "tf_efficientnet_lite0"}
@@ -88,6 +88,17 @@ def test_pretrained_path_resamples_position_embedding(tmp_path):
     model = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=64, pretrained=True,
                                      pretrained_path=str(path)))
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+@pytest.mark.parametrize("arch, pretrained, path, source", [
+    ("deit_tiny_patch16_224", False, "w.pth", "none"),  # pretrained false wins over a file
+    ("deit_tiny_patch16_224", True, "w.pth", "file"),  # a file wins over the hub
+    ("tf_efficientnet_lite0", True, "w.pth", "file"),  # and over a package
+    ("tf_efficientnet_lite0", True, None, "package"),
+    ("deit_tiny_patch16_224", True, None, "hub"),
+])
+def test_weight_source_is_resolved_before_loading(arch, pretrained, path, source):
+    assert weight_source(ModelConfig(arch=arch, pretrained_path=path), pretrained) == source
 
 
 def test_missing_or_bad_weights_file(tmp_path):

@@ -201,7 +201,7 @@ def test_tta_modes(trained, model, images):
 def test_predict_out_of_memory_halves_the_batch(trained, images, capsys):
     small_gpu = hmnist.load(trained / "models/model.pt", device="cpu")
     expected = small_gpu.predict(images, batch_size=4)
-    small_gpu.model = LimitedGpu(small_gpu.model, max_eval_batch=2).eval()
+    small_gpu.members[0].model = LimitedGpu(small_gpu.model, max_eval_batch=2).eval()
     frame = small_gpu.predict(images, batch_size=4)  # decoded batches of 4 and 2
     assert capsys.readouterr().err.count("out of GPU memory in inference; continuing with batches of 2") == 1
     np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:8].to_numpy(), atol=1e-5)
@@ -240,7 +240,7 @@ def test_api(trained, model, images):
 
 def test_api_argument_errors():
     """What only a Python caller can get wrong; the command line's choices rule these out."""
-    from hmnist.engine import tta_views
+    from hmnist.inference import tta_views
 
     with pytest.raises(UserError, match="^no checkpoint given$"):
         hmnist.load([], device="cpu")

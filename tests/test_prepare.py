@@ -22,7 +22,8 @@ from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from hmnist.data import decode_image, load_prepared
 from hmnist.stages.prepare import prepare
-from hmnist.synthetic import METADATA, image_folder
+from hmnist.data import METADATA
+from hmnist.synthetic import image_folder
 
 from conftest import tiny_params
 from faults import dying_decoder

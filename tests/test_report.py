@@ -18,7 +18,8 @@ from PIL import Image
 from hmnist.config import CLASSES
 from hmnist.metrics import recipe_intervals
 from hmnist.commands.report import gallery_rows
-from hmnist.runs import CHECKPOINT, PROB_COLUMNS, Run, read_run
+from hmnist.config import CLASS_COLUMNS
+from hmnist.runs import CHECKPOINT, Run, read_run
 
 from conftest import BIN, make_project, run
 
@@ -129,7 +130,7 @@ def test_recipe_row_and_params(two_runs):
     assert "train.seed" in header and cells[header.index("train.seed")] == "0/1"
     frames = [read_run(spec, str(two_runs)) for spec in ("HEAD", "seed1")]
     labels = frames[0]["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    mean, low, high = recipe_intervals(labels, [f[PROB_COLUMNS].to_numpy(float) for f in frames],
+    mean, low, high = recipe_intervals(labels, [f[CLASS_COLUMNS].to_numpy(float) for f in frames],
                                        frames[0]["lesion_id"].to_numpy(), 200, 0)["balanced_accuracy"]
     assert cells[header.index("balanced_accuracy")] == f"{mean:.4f} [{low:.4f}, {high:.4f}]"
     assert low <= mean <= high

@@ -5,6 +5,7 @@
 - No module imports a stage module or a command module: stages share library modules only.
 - Each stage's code deps in dvc.yaml are the package modules it imports, transitively.
 - Each param a stage reads (recorded while it runs) is among its `params:` in dvc.yaml.
+- Small files: no module over 350 lines, no function over 50 (nanoGPT's whole train.py is 336).
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ STAGES = {name: stage["cmd"].split("python -m hmnist.")[1].split()[0] for name, 
 ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage in DEFS.items()}
 # every module of the package, dotted below hmnist: "config", "stages.train", "commands.cli"
 MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
-LIBRARY = {"config", "data", "models", "engine", "augment", "metrics", "calibration", "distributed", "errors", "cam", "runs",
+LIBRARY = {"config", "data", "models", "weights", "engine", "training", "inference", "augment", "metrics",
+           "calibration", "distributed", "collectives", "gpus", "selection", "errors", "cam", "runs",
            "synthetic", "fusion", "onnx_export", "card"}
-COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.bench", "commands.cli"}
+COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, the __init__.py files only docstrings and
 # the `hmnist.load` entry point.
@@ -88,6 +90,26 @@ def test_the_tree_shows_the_architecture():
     placed = set(STAGES.values()) | COMMANDS | LIBRARY | NOT_DEPS
     assert set(MODULES) == placed, f"modules not placed: {sorted(set(MODULES) ^ placed)}"
     assert all("." not in m for m in LIBRARY)
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 350, 50
+# Over the limits when the test came (issue 30), each to be split: this list may only shrink.
+OVERSIZE = {"stages/train.py", "commands/predict.py", "metrics.py", "config.py",
+            "commands/predict.py:classify", "commands/report.py:render", "config.py:_validate",
+            "stages/evaluate.py:plot_pngs", "stages/evaluate.py:main"}
+
+
+def test_modules_and_functions_are_small():
+    over = set()
+    for path in PACKAGE.rglob("*.py"):
+        name, source = path.relative_to(PACKAGE).as_posix(), path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            over.add(name)
+        over |= {f"{name}:{node.name}" for node in ast.walk(ast.parse(source))
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    assert over - OVERSIZE == set(), f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function"
+    assert OVERSIZE - over == set(), "no longer oversize: take it off OVERSIZE"
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -1,4 +1,3 @@
-import math
 import tempfile
 from pathlib import Path
 
@@ -9,11 +8,11 @@ import torch.nn as nn
 import yaml
 
 from conftest import TINY_ARCH, LimitedGpu, prepared_split, tiny_params
+from hmnist.augment import ModelInput
 from hmnist.config import CLASSES, ModelConfig, parse_params
-from hmnist.augment import Augment, ModelInput, affine_grid, colour_affine, jitter_reference
 from hmnist.data import load_prepared, split_rows
-from hmnist.engine import (SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda,
-                           make_scheduler, param_groups)
+from hmnist.training import (SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, lr_lambda,
+                             make_scheduler, param_groups)
 from hmnist.errors import UserError
 from hmnist.models import create_model
 from hmnist.stages.prepare import prepare
@@ -45,138 +44,6 @@ def mechanics(synthetic_zip, **train) -> dict:
     raw["models"]["resnet9"].update(resize=16, batch_size=4096)
     raw["train"].update(train)
     return raw
-
-
-def test_model_input_matches_definition():
-    norm = ModelInput(8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), torch.device("cpu"))
-    batch = torch.full((2, 16, 16, 3), 153, dtype=torch.uint8)  # 0.6 everywhere
-    x = norm(batch)
-    assert x.shape == (2, 3, 8, 8) and x.is_contiguous()
-    expected = [(0.6 - 0.5) / 0.2, (0.6 - 0.4) / 0.25, (0.6 - 0.3) / 0.5]
-    assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected), atol=1e-5)
-
-
-def test_augment_is_seeded_random_and_bounded():
-    images = torch.randint(0, 256, (8, 3, 32, 32)).float()
-    first = Augment(torch.Generator().manual_seed(0))(images)
-    again = Augment(torch.Generator().manual_seed(0))(images)
-    other = Augment(torch.Generator().manual_seed(1))(images)
-    assert first.shape == images.shape and torch.isfinite(first).all()
-    assert first.min() >= 0 and first.max() <= 255
-    assert torch.equal(first, again) and not torch.allclose(first, other)
-    assert not torch.allclose(first, images)
-
-
-def fixed_augment(**values) -> Augment:
-    """An Augment whose every draw is fixed: identity geometry and colour unless `values` say."""
-    augment = Augment(torch.Generator().manual_seed(0))
-    fixed = {0: 1.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 0.0, 6: 0.0, 7: 1.0, 8: 1.0, 9: 1.0}
-    names = {"area": 0, "log_ratio": 1, "angle": 2, "flip_x": 3, "flip_y": 4, "brightness": 7,
-             "contrast": 8, "saturation": 9}
-    fixed.update({names[k]: v for k, v in values.items()})
-    augment.low, augment.span = torch.tensor([fixed[i] for i in range(10)]), torch.zeros(10)
-    return augment
-
-
-def test_augment_geometry_matches_its_definition():
-    images = torch.rand(2, 3, 16, 16) * 255
-    assert torch.allclose(fixed_augment()(images), images, atol=1e-3)
-    assert torch.allclose(fixed_augment(flip_x=0.0)(images), images.flip(3), atol=1e-3)
-    assert torch.allclose(fixed_augment(flip_y=0.0)(images), images.flip(2), atol=1e-3)
-    quarter = fixed_augment(angle=math.pi / 2)(images)
-    assert torch.allclose(quarter, images.rot90(1, dims=(2, 3)), atol=1e-3) or \
-        torch.allclose(quarter, images.rot90(-1, dims=(2, 3)), atol=1e-3)
-    for ratio in (math.log(3 / 4), math.log(4 / 3)):  # area 1: the whole image, whatever the drawn ratio
-        assert torch.allclose(fixed_augment(log_ratio=ratio)(images), images, atol=1e-3)
-    wide = fixed_augment(area=0.5, log_ratio=math.log(4))  # too wide to fit: full width, half the height
-    band = torch.nn.functional.interpolate(images[:, :, 4:12, :], size=16, mode="bilinear", align_corners=False)
-    assert (wide(images) - band)[:, :, 2:-2, 2:-2].abs().max() < 1e-3
-    crop = fixed_augment(area=0.25)(images)  # the centre half of each side, stretched to the whole
-    centre = torch.nn.functional.interpolate(images[:, :, 4:12, 4:12], size=16, mode="bilinear", align_corners=False)
-    assert (crop - centre)[:, :, 2:-2, 2:-2].abs().max() < 1e-3
-
-
-def test_crop_keeps_the_cache_detail():
-    """A 35%-area crop for a 128px model, from a 224px cache of fine stripes: sampled from the
-    cache it keeps the stripes; resized to 128 first and then enlarged, they were mostly gone."""
-    size, cache = 128, 224
-    stripes = (torch.arange(cache) % 4 < 2).float() * 200 + 20  # period 4 px: fine detail
-    batch = stripes.view(1, 1, cache, 1).expand(2, cache, cache, 3).to(torch.uint8).contiguous()
-    model_input = ModelInput(size, (0.0,) * 3, (1 / 255,) * 3, torch.device("cpu"))  # normalising is a no-op
-    augment = fixed_augment(area=0.35, contrast=1.0)
-    augment.crop_area = (0.35, 1.0)
-    crop = model_input(batch, augment)
-    assert crop.shape == (2, 3, size, size)
-    old_way = augment.geometry(model_input.resize(batch), augment.draw(2))  # the defect: resize, then crop
-    contrast = lambda x: x[:, 0, size // 2, 16:-16].std().item()  # noqa: E731  across the stripes
-    assert contrast(crop) > 0.75 * stripes.std().item()
-    assert contrast(crop) > 2.5 * contrast(old_way)
-    # a cache far larger than the model's input is reduced (antialiased) before the crop
-    small = ModelInput(32, (0.0,) * 3, (1 / 255,) * 3, torch.device("cpu"))(batch, augment)
-    assert small.shape == (2, 3, 32, 32) and torch.isfinite(small).all()
-    assert small.min() >= 0 and small.max() <= 255
-
-
-@pytest.mark.parametrize("cache", [32, 56])
-def test_flips_only_take_the_direct_path_and_equal_the_resampling(cache):
-    """With no crop, rotation or jitter the affine resampling is an exact copy of each flipped
-    image: ModelInput flips directly, and gets what the resampling gets, draw for draw."""
-    images = torch.randint(0, 256, (16, cache, cache, 3), dtype=torch.uint8)
-    model_input = ModelInput(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), torch.device("cpu"))
-    fast = Augment(torch.Generator().manual_seed(3), (1.0, 1.0), 0.0, 0.0)
-    slow = Augment(torch.Generator().manual_seed(3), (1.0, 1.0), 0.0, 0.0)
-    assert fast.flips_only and not Augment(torch.Generator(), (0.9, 1.0), 0.0, 0.0).flips_only
-    slow.flips_only = False  # force the general path
-    draws = fast.draw(16)
-    flipped = (draws[:, 3] < 0.5) | (draws[:, 4] < 0.5)
-    assert 0 < flipped.sum() < 16
-    got, expected = model_input(images, fast, draws), model_input(images, slow, draws)
-    assert got.shape == (16, 3, 32, 32)
-    assert torch.allclose(got, expected, atol=1e-3)
-    plain = model_input(images)
-    assert not torch.allclose(got[flipped], plain[flipped]) and torch.equal(got[~flipped], plain[~flipped])
-
-
-def test_affine_grid_equals_torch():
-    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
-    expected = torch.nn.functional.affine_grid(theta, [5, 3, 12, 20], align_corners=False)
-    assert torch.allclose(affine_grid(theta, 12, 20), expected, atol=1e-6)
-
-
-def test_colour_affine_is_a_per_pixel_matrix_product_in_any_layout():
-    g = torch.Generator().manual_seed(1)
-    x, matrix, offset = torch.rand(4, 3, 6, 7, generator=g), torch.randn(4, 3, 3, generator=g), torch.randn(4, 3, generator=g)
-    low, high = torch.tensor([-1.0, -0.5, 0.0]), torch.tensor([1.0, 0.5, 2.0])
-    expected = (torch.einsum("nij,njhw->nihw", matrix, x) + offset[:, :, None, None])
-    expected = torch.maximum(torch.minimum(expected, high.view(1, 3, 1, 1)), low.view(1, 3, 1, 1))
-    for layout in (torch.contiguous_format, torch.channels_last):
-        out = colour_affine(x, matrix, offset, low, high, layout)
-        assert out.is_contiguous(memory_format=layout) and torch.allclose(out, expected, atol=1e-6)
-
-
-def test_fused_colour_jitter_equals_step_by_step_definition():
-    g = torch.Generator().manual_seed(3)
-    images = torch.rand(6, 3, 20, 20, generator=g, dtype=torch.float64) * 255
-    augment = Augment(torch.Generator().manual_seed(4))
-    u = augment.draw(len(images))
-    warped = augment.geometry(images.float(), u)
-    matrix, offset = augment.colour(warped, u)
-    fused = colour_affine(warped, matrix, offset, augment.pixel_low, augment.pixel_high)
-    b, c, s = u[:, 7], u[:, 8], u[:, 9]
-    assert not torch.allclose(b, torch.ones(6))  # the factors really vary
-    reference = jitter_reference(warped.double(), b.double(), c.double(), s.double())
-    assert ((fused.double() - reference).norm() / reference.norm()) < 1e-6
-    assert torch.equal(fused, Augment(torch.Generator().manual_seed(4))(images.float()))  # same draws, same path
-
-
-def test_model_input_folds_normalising_into_the_colour_map():
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
-    norm = ModelInput(20, mean, std, torch.device("cpu"))
-    batch = torch.randint(0, 256, (4, 20, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    folded = norm(batch, Augment(torch.Generator().manual_seed(5)))
-    pixels = Augment(torch.Generator().manual_seed(5))(batch.permute(0, 3, 1, 2).float())
-    expected = (pixels / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    assert torch.allclose(folded, expected, atol=1e-4)
 
 
 def test_class_weights():
@@ -290,8 +157,7 @@ def test_micro_batches_give_the_full_batch_gradient(weighted):
     grads = []
     for micro in (1, 4):
         model.zero_grad()
-        loss = backward_batch(model, lambda rows: images[rows], targets, criterion, weights,
-                              torch.arange(12), micro, torch.device("cpu"))
+        loss = backward_batch(model, lambda rows: images[rows], targets, criterion, micro, torch.device("cpu"))
         assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
         grads.append([p.grad.clone() for p in model.parameters()])
     for full, accumulated in zip(*grads):
@@ -346,7 +212,7 @@ def test_calibration_and_thresholds_come_from_the_validation_split_alone(data, s
     saw are the validation lesions' and no test lesion's."""
     from hmnist import calibration
     from hmnist.augment import ModelInput
-    from hmnist.engine import predict_probs
+    from hmnist.inference import predict_probs
 
     images, index, split = data
     seen = []
@@ -447,11 +313,11 @@ def test_interrupted_run_resumes_to_the_same_weights(data, synthetic_zip, tmp_pa
     real_evaluate = interrupt_second_epoch(monkeypatch, validations_per_epoch=2)  # raw and EMA weights
     with pytest.raises(KeyboardInterrupt):
         train(params, images, index, split, resume_path=resume)
-    assert torch.load(resume, weights_only=True)["epoch"] == 0  # stopped after the first epoch
+    assert torch.load(resume, weights_only=True)["epochs_done"] == 1  # stopped after the first epoch
     monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
     _, resumed = train(params, images, index, split, resume_path=resume)
     expected, got = torch.load(whole, weights_only=True), torch.load(resume, weights_only=True)
-    assert got["epoch"] == expected["epoch"] == 2
+    assert got["epochs_done"] == expected["epochs_done"] == 3
     for part in ("model", "ema"):  # the last epoch's weights, tensor by tensor
         for name, tensor in expected[part].items():
             assert torch.equal(tensor, got[part][name]), (part, name)
@@ -516,7 +382,7 @@ def test_validation_out_of_memory_halves_the_batch(data, synthetic_zip, monkeypa
     ("swin_tiny_patch4_window7_224", {"layers.0.blocks.0.attn.relative_position_bias_table", "head.fc.bias"}),
 ])
 def test_weight_decay_groups_follow_timm(arch, no_decay):
-    from hmnist.engine import param_groups
+    from hmnist.training import param_groups
 
     model = create_model(ModelConfig(arch=arch, resize=224))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -530,7 +396,7 @@ def test_weight_decay_groups_follow_timm(arch, no_decay):
 
 
 def test_layer_decay_scales_each_layer(monkeypatch):
-    from hmnist.engine import param_groups
+    from hmnist.training import param_groups
 
     model = create_model(ModelConfig(arch="deit_tiny_patch16_224", resize=32))
     names = {id(p): n for n, p in model.named_parameters()}

@@ -8,7 +8,9 @@ modern GPU busy on a model as small as DeiT-tiny. On the CPU the same code runs 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +68,7 @@ class ModelInput:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x
 
-    def __call__(self, batch: torch.Tensor, augment: Augment | None = None, draws: torch.Tensor | None = None
+    def __call__(self, batch: torch.Tensor, augment: Augment | None = None, draws: Draws | None = None
                  ) -> torch.Tensor:
         """`draws`: the augmentation's random numbers for these images (`Augment.draw`), when
         drawn for a larger batch than this one (a data-parallel rank's share); else drawn here."""
@@ -74,7 +76,8 @@ class ModelInput:
             x = self.resize(batch)
             if augment is not None:  # the whole affine resampling would be an exact copy: flip instead
                 u = augment.draw(x.shape[0]) if draws is None else draws
-                x = flip(flip(x, u[:, 3] < 0.5, 3), u[:, 4] < 0.5, 2)
+                horizontal, vertical = (u.flips < 0.5).unbind(1)
+                x = flip(flip(x, horizontal, 3), vertical, 2)
             x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
         else:
             # The crop is sampled straight from the cache at the model's size, one resampling,
@@ -134,6 +137,47 @@ def _pixel_centres(height: int, width: int, device: torch.device) -> tuple[torch
     return xs, ys
 
 
+# The random quantities of one image's augmentation, each with its number of columns, in the
+# order of their columns in a batch's draw (`Draws`): drawn together, they cost one kernel.
+FIELDS = {"crop_area": 1, "log_ratio": 1, "angle": 1, "flips": 2, "centre": 2,
+          "brightness": 1, "contrast": 1, "saturation": 1}
+_COLUMNS = dict(zip(FIELDS, (slice(end - width, end) for end, width in
+                             zip(itertools.accumulate(FIELDS.values()), FIELDS.values()))))
+
+
+def _field(name: str, doc: str) -> property:
+    """A read-only view of the quantity `name`'s columns."""
+    return property(lambda draws: draws.values[:, _COLUMNS[name]], doc=doc)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """A batch's augmentation draws, one row per image, each quantity by its name (FIELDS): views
+    of the columns of one (n, 10) tensor, which a data-parallel rank slices by rows."""
+    values: torch.Tensor
+
+    @staticmethod
+    def columns(name: str) -> slice:
+        """Where the quantity `name` sits in `values`."""
+        return _COLUMNS[name]
+
+    def __getitem__(self, rows: torch.Tensor) -> Draws:
+        """The draws of the images `rows` selects (a rank's share of the batch)."""
+        return Draws(self.values[rows])
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    crop_area = _field("crop_area", "(n, 1): the crop's area, a fraction of the image's")
+    log_ratio = _field("log_ratio", "(n, 1): the log of the crop's width / height")
+    angle = _field("angle", "(n, 1): the rotation, radians")
+    flips = _field("flips", "(n, 2): horizontal, vertical; an image is flipped that way where below 0.5")
+    centre = _field("centre", "(n, 2): the crop's centre, x and y, from -1 to 1 of the room the crop leaves")
+    brightness = _field("brightness", "(n, 1): the colour jitter's brightness factor")
+    contrast = _field("contrast", "(n, 1): the colour jitter's contrast factor")
+    saturation = _field("saturation", "(n, 1): the colour jitter's saturation factor")
+
+
 class Augment:
     """Flips both ways, any rotation, random resized crop and mild colour jitter, for a whole
     batch at once on its device: one affine grid_sample does crop, rotation and flips, and one
@@ -154,42 +198,36 @@ class Augment:
         self.flips_only = crop_area[0] >= 1 and rotation == 0 and jitter == 0
         device = generator.device
         angle = math.radians(rotation)
-        # one column per random quantity: (low, high) of its uniform draw
-        self.ranges = (
-            crop_area,                                           # 0 crop area, fraction of the image
-            (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])),  # 1 log width/height ratio
-            (-angle, angle),                                     # 2 rotation
-            (0, 1), (0, 1),                                      # 3, 4 horizontal / vertical flip if < 0.5
-            (-1, 1), (-1, 1),                                    # 5, 6 crop centre, in the room left
-            (1 - jitter, 1 + jitter),                            # 7 brightness
-            (1 - jitter, 1 + jitter),                            # 8 contrast
-            (1 - jitter, 1 + jitter),                            # 9 saturation
-        )
+        # each quantity's (low, high) of its uniform draw, one per column
+        ranges = {"crop_area": [crop_area], "log_ratio": [(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))],
+                  "angle": [(-angle, angle)], "flips": [(0, 1)] * 2, "centre": [(-1, 1)] * 2,
+                  "brightness": [(1 - jitter, 1 + jitter)], "contrast": [(1 - jitter, 1 + jitter)],
+                  "saturation": [(1 - jitter, 1 + jitter)]}
+        self.ranges = [bounds for name in FIELDS for bounds in ranges[name]]
         ranges = torch.tensor(self.ranges, dtype=torch.float32, device=device)
         self.low, self.span = ranges[:, 0], ranges[:, 1] - ranges[:, 0]
         self.gray = torch.tensor(GRAY, device=device)
         self.eye = torch.eye(3, device=device)
         self.signs = torch.tensor([1.0, -1.0], device=device)
-        self.pixel_low, self.pixel_high = torch.zeros(3, device=device), torch.full((3,), 255.0, device=device)
 
-    def draw(self, n: int) -> torch.Tensor:
-        """All the random numbers of `n` images, (n, len(ranges)), each in its range: one kernel."""
+    def draw(self, n: int) -> Draws:
+        """All the random numbers of `n` images, each in its range: one kernel."""
         r = torch.rand(n, len(self.ranges), generator=self.generator, device=self.generator.device)
-        return torch.addcmul(self.low, r, self.span)
+        return Draws(torch.addcmul(self.low, r, self.span))
 
-    def geometry(self, x: torch.Tensor, u: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    def geometry(self, x: torch.Tensor, u: Draws, size: int | None = None) -> torch.Tensor:
         """Random resized crop, rotation and flips of a float NCHW batch, as drawn in `u`,
         sampled at `size` x `size` (default: the batch's own size)."""
-        area = u[:, 0:1]
-        extent = torch.sqrt(area * torch.exp(u[:, 1:2] * self.signs))  # width, height
+        area = u.crop_area
+        extent = torch.sqrt(area * torch.exp(u.log_ratio * self.signs))  # width, height
         # a side longer than the image is cut to it and the other side keeps the drawn area, so
         # the crop's area is always the drawn one: area 1 is the whole image, unstretched
         # (clamping each side alone cropped up to 13% off one side and stretched the rest)
         too_long = extent > 1
         extent = torch.where(too_long, 1.0, torch.where(too_long.flip(1), area, extent))
-        scale = extent * torch.where(u[:, 3:5] < 0.5, -1.0, 1.0)  # flips
-        shift = u[:, 5:7] * (1 - extent)
-        cos, sin = torch.cos(u[:, 2:3]), torch.sin(u[:, 2:3])
+        scale = extent * torch.where(u.flips < 0.5, -1.0, 1.0)
+        shift = u.centre * (1 - extent)
+        cos, sin = torch.cos(u.angle), torch.sin(u.angle)
         # theta = [[w cos fx, -h sin fy, dx], [w sin fx, h cos fy, dy]], w h in fractions of the side
         rotation = torch.cat([cos, -sin, sin, cos], dim=1).view(-1, 2, 2)
         theta = torch.cat([rotation * scale.unsqueeze(1), shift.unsqueeze(2)], dim=2)
@@ -197,43 +235,23 @@ class Augment:
         # reflection: rotated corners show mirrored skin rather than black wedges
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def colour(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The colour jitter of `jitter_reference` drawn in `u`, as `matrix @ pixel + offset`,
-        then clamped to 0..255. Brightness b, contrast c about the mean grey level, saturation s
-        about each pixel's grey: with grey weights w (summing to 1) and S = sI + (1-s) 1 w^T,
-        matrix = c b S and offset = (1-c) b mean(w.x) on every channel, since S keeps grey."""
-        b, c, s = (u[:, i].view(-1, 1, 1) for i in (7, 8, 9))
+    def colour(self, x: torch.Tensor, u: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour jitter drawn in `u`, as `matrix @ pixel + offset`, then clamped to 0..255
+        (tests/test_augment.py holds it to the step-by-step definition). Brightness b, contrast c
+        about the mean grey level, saturation s about each pixel's grey: with grey weights w
+        (summing to 1) and S = sI + (1-s) 1 w^T, matrix = c b S and offset = (1-c) b mean(w.x)
+        on every channel, since S keeps grey."""
+        b, c, s = (factor.view(-1, 1, 1) for factor in (u.brightness, u.contrast, u.saturation))
         saturation = s * self.eye + (1 - s) * self.gray.view(1, 1, 3)  # row i: s e_i + (1 - s) w
         mean_gray = (x.mean(dim=(2, 3)) @ self.gray).view(-1, 1)
         offset = ((1 - c) * b).view(-1, 1) * mean_gray
         return c * b * saturation, offset.expand(-1, 3)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The augmented float NCHW batch, in 0..255 (`ModelInput` folds normalising in instead)."""
-        u = self.draw(x.shape[0])
-        x = self.geometry(x, u)
-        matrix, offset = self.colour(x, u)
-        return colour_affine(x, matrix, offset, self.pixel_low, self.pixel_high)
-
-
-def jitter_reference(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
-                     saturation: torch.Tensor) -> torch.Tensor:
-    """The colour jitter `Augment.colour` computes, step by step: the definition it is tested
-    against. Factors are per image, shape (n,)."""
-    b, c, s = (f.view(-1, 1, 1, 1) for f in (brightness, contrast, saturation))
-    weights = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    x = x * b
-    mean = (x * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
-    x = (x - mean) * c + mean
-    gray = (x * weights).sum(1, keepdim=True)
-    x = gray + (x - gray) * s
-    return x.clamp(0, 255)
-
 
 class Mixer:
     """Mixup / CutMix of a training batch (timm's `Mixup`, in batch mode: one mixing ratio per
     batch, each image paired with the batch reversed): mixed images and soft targets, rows of
-    class proportions that engine.SmoothedCrossEntropy smooths and weights. timm draws from
+    class proportions that training.SmoothedCrossEntropy smooths and weights. timm draws from
     numpy's global generator, which the training state saves and restores. An odd batch leaves
     its last image unmixed (timm pairs images two by two)."""
 

@@ -79,7 +79,7 @@ def class_maps(model: nn.Module, model_input: ModelInput, images: torch.Tensor, 
     """Grad-CAM maps (N x H x W, each scaled to 0..1; all 0 where no position favours the class)
     of uint8 NHWC `images` for class
     `classes[i]` of image i, at the images' own size. `model_input` preprocesses the images as
-    evaluation does (engine.inference_model gives both). A metadata model takes each image's
+    evaluation does (inference.inference_model gives both). A metadata model takes each image's
     encoded `metadata` row (fusion.encoded_for)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget

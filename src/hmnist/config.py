@@ -24,6 +24,9 @@ YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent wit
 # ISIC 2018 Task 3 order; the label of an image is its index here. HAM10000 spells them in
 # lower case in the `dx` column.
 CLASSES = ("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc")
+CLASS_INDEX = {name: label for label, name in enumerate(CLASSES)}  # dx -> label
+# the classes as an ISIC 2018 submission names its probability columns: MEL, NV, ...
+CLASS_COLUMNS = [name.upper() for name in CLASSES]
 DEVICES = ("auto", "cuda", "cpu")
 BALANCE = ("loss", "sample_loss", "sampler", "none")
 # test-time augmentation: the image; + its horizontal flip; + its 3 flips; + 4 right-angle turns
@@ -202,9 +205,6 @@ class Params:
     @property
     def model_config(self) -> ModelConfig:
         return self.models[self.model]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 PARAMS_CHECKED = Path("data/params_checked.txt")
 # download -> prepare
 ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
+# the Kaggle zip's table of images (image_id, lesion_id, dx, ...), at its top level
+METADATA = "HAM10000_metadata.csv"
 # prepare -> split, train, evaluate: images.npy is N x size x size x 3 uint8 RGB, index.csv's
 # row i (image_id, lesion_id, dx, label, then the patient metadata age, sex, localization)
 # describes images[i], sorted by image_id
@@ -43,6 +45,10 @@ CURVES = Path("plots/training_curves.png")
 METRICS = Path("metrics/metrics.json")
 PLOTS = Path("plots")
 PREDICTIONS = Path("predictions/test.csv")
+CALIBRATED_PREDICTIONS = PREDICTIONS.with_name("test_calibrated.csv")
+# every non-test image predicted by the fold that held it out (cv.folds >= 2; header only
+# otherwise): ~5,000 images where the test split has ~900, for `hmnist compare --oof`
+OOF_PREDICTIONS = PREDICTIONS.with_name("oof.csv")
 
 
 class FoldPaths(NamedTuple):

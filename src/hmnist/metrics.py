@@ -14,7 +14,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, 
                              roc_auc_score, roc_curve)
 from threadpoolctl import threadpool_limits
 
-from hmnist.config import CLASSES
+from hmnist.config import CLASS_COLUMNS, CLASS_INDEX, CLASSES
 
 FPR_GRID = np.linspace(0, 1, 101)  # one shared x axis, so one CSV holds every class's ROC curve
 
@@ -73,7 +73,7 @@ def roc_table(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
 
 def submission_frame(image_ids: list[str], probs: np.ndarray) -> pd.DataFrame:
     """The ISIC 2018 Task 3 format: image,MEL,NV,BCC,AKIEC,BKL,DF,VASC, sorted by image."""
-    frame = pd.DataFrame(probs, columns=[c.upper() for c in CLASSES])
+    frame = pd.DataFrame(probs, columns=CLASS_COLUMNS)
     frame.insert(0, "image", image_ids)
     return frame.sort_values("image", kind="stable").reset_index(drop=True)
 
@@ -229,9 +229,9 @@ def compare_runs(a: list[pd.DataFrame], b: list[pd.DataFrame], resamples: int = 
     """What `hmnist compare` prints (and `hmnist report` shows): B - A per metric, its 95%
     interval and verdict, for two recipes' runs given as predictions frames (image, MEL ... VASC,
     lesion_id, dx) on the same test images, one or more per side."""
-    columns = [c.upper() for c in CLASSES]
+    columns = CLASS_COLUMNS
     first = a[0]
-    labels = first["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    labels = first["dx"].map(CLASS_INDEX).to_numpy()
     rows = paired_bootstrap(labels, [f[columns].to_numpy(float) for f in a], [f[columns].to_numpy(float) for f in b],
                             first["lesion_id"].to_numpy(), resamples, seed)
     for name, row in rows.items():

@@ -72,7 +72,7 @@ def _graph(checkpoints: Sequence[dict[str, Any]], sources: Sequence[str]) -> tor
     (N, S, S, 3) float 0..255 -> (probabilities, calibrated probabilities), each (N, classes)."""
     import torch
 
-    from hmnist.engine import tta_views
+    from hmnist.inference import tta_views
     from hmnist.models import damaged_checkpoint, model_from_checkpoint
 
     class Member(torch.nn.Module):
@@ -212,7 +212,7 @@ def reference_probs(checkpoints: Sequence[dict[str, Any]], images: np.ndarray, b
     import torch
 
     from hmnist.calibration import apply
-    from hmnist.engine import inference_model, predict_probs
+    from hmnist.inference import inference_model, predict_probs
 
     device = torch.device("cpu")
     probs, calibrated = [], []

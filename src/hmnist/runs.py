@@ -10,26 +10,29 @@ experiment pulled with `dvc exp pull` is read without checking it out.
 from __future__ import annotations
 
 import io
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hmnist.config import CLASSES
+from hmnist import data
+from hmnist.config import CLASS_COLUMNS, CLASSES
 from hmnist.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import pandas as pd
 
-# data.PREDICTIONS and the others, as paths inside a revision (strings, as DVC takes them)
-PREDICTIONS = "predictions/test.csv"
-CALIBRATED = "predictions/test_calibrated.csv"
-OOF = "predictions/oof.csv"  # out-of-fold: every non-test image, predicted by the fold that held it out
-METRICS = "metrics/metrics.json"
-SPLIT = "data/split.csv"
-CHECKPOINT = "models/model.pt"
-IMAGES, INDEX = "data/prepared/images.npy", "data/prepared/index.csv"
+# the pipeline's files (hmnist.data) as paths inside a revision: strings, as DVC takes them
+PREDICTIONS, CALIBRATED = data.PREDICTIONS.as_posix(), data.CALIBRATED_PREDICTIONS.as_posix()
+OOF = data.OOF_PREDICTIONS.as_posix()  # out-of-fold: every non-test image, predicted by the fold that held it out
+METRICS, SPLIT, CHECKPOINT = data.METRICS.as_posix(), data.SPLIT.as_posix(), data.CHECKPOINT.as_posix()
+IMAGES, INDEX = (data.PREPARED / data.IMAGES_FILE).as_posix(), (data.PREPARED / data.INDEX_FILE).as_posix()
 WORKSPACE = "workspace"
-PROB_COLUMNS = [c.upper() for c in CLASSES]
+
+
+def number(value: float | None, sign: str = "") -> str:
+    """A figure as compare and report show it: 4 decimals (`sign` "+": signed), n/a when missing."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{sign}.4f}"
 
 
 def pull_hint(spec: str) -> str:
@@ -182,10 +185,10 @@ def run_predictions(run: Run, predictions: str = PREDICTIONS) -> pd.DataFrame:
 
 
 def checked_predictions(frame: pd.DataFrame, spec: str) -> pd.DataFrame:
-    missing = [c for c in ["image", *PROB_COLUMNS, "dx"] if c not in frame.columns]
+    missing = [c for c in ["image", *CLASS_COLUMNS, "dx"] if c not in frame.columns]
     if missing:
         raise UserError(f"{spec}: predictions lack column(s) {', '.join(missing)}: need image, "
-                        f"{', '.join(PROB_COLUMNS)} and dx, the true class (as predictions/test.csv has)")
+                        f"{', '.join(CLASS_COLUMNS)} and dx, the true class (as predictions/test.csv has)")
     unknown = sorted(set(frame["dx"]) - set(CLASSES))
     if unknown:
         raise UserError(f"{spec}: unknown dx label(s) {', '.join(map(str, unknown[:5]))}; known: {', '.join(CLASSES)}")

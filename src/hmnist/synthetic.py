@@ -21,8 +21,8 @@ import pandas as pd
 from PIL import Image
 
 from hmnist.config import CLASSES
+from hmnist.data import METADATA
 
-METADATA = "HAM10000_metadata.csv"
 FIRST_IMAGE_ID = 24306  # ISIC_0024306, the first HAM10000 image
 PART_1_LAST_ID = 29305  # ISIC_0029305 is the last image in HAM10000_images_part_1
 # Roughly the real class mix (nv is 67%), floored so that every class has lesions in every split.

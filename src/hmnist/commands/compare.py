@@ -38,8 +38,9 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from hmnist.config import CLASS_COLUMNS
 from hmnist.errors import MAX_SEED, at_least, cli, description
-from hmnist.runs import (OOF, PREDICTIONS, PROB_COLUMNS, check_same_test_set, parse_recipe, read_operating_points,
+from hmnist.runs import (OOF, PREDICTIONS, check_same_test_set, number, parse_recipe, read_operating_points,
                          read_recipe)
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def operating_points(specs_a: list[str], specs_b: list[str], predictions: pd.Dat
     """metrics.compare_operating_points for the points (same name, classes and target) every
     run has; {} when a run has none (a CSV file, or a run from before operating points)."""
     from hmnist.calibration import flag_scores
-    from hmnist.config import CLASSES
+    from hmnist.config import CLASS_INDEX
     from hmnist.metrics import compare_operating_points
 
     sides = [[read_operating_points(spec, repo) for spec in specs] for specs in (specs_a, specs_b)]
@@ -78,10 +79,10 @@ def operating_points(specs_a: list[str], specs_b: list[str], predictions: pd.Dat
 
     def flags(run: tuple[dict, pd.DataFrame]) -> dict:
         points, calibrated = run
-        return {name: flag_scores(calibrated[PROB_COLUMNS].to_numpy(float), classes) >= points[name]["threshold"]
+        return {name: flag_scores(calibrated[CLASS_COLUMNS].to_numpy(float), classes) >= points[name]["threshold"]
                 for name, classes in common.items()}
 
-    labels = predictions["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    labels = predictions["dx"].map(CLASS_INDEX).to_numpy()
     result = compare_operating_points(labels, predictions["lesion_id"].to_numpy(), common,
                                       [flags(r) for r in sides[0]], [flags(r) for r in sides[1]], resamples, seed)
     for name, row in result.items():
@@ -94,9 +95,6 @@ def format_table(result: dict, name_a: str, name_b: str, images: str = "test") -
              f"{result['resamples']} paired lesion resamples",
              result["note"],
              f"{'metric':<22}{'A':>8}{'B':>8}{'B - A':>9}  {'95% interval':<20}  verdict"]
-    def number(value: float | None, sign: str = "") -> str:
-        return "n/a" if value is None else f"{value:{sign}.4f}"
-
     for name, r in result["metrics"].items():
         interval = f"[{number(r['low'], '+')}, {number(r['high'], '+')}]"
         lines.append(f"{name:<22}{number(r['a']):>8}{number(r['b']):>8}{number(r['difference'], '+'):>9}  "

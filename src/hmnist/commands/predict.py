@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from hmnist.config import CLASSES, DEVICES, TTA
+from hmnist.config import CLASS_COLUMNS, CLASSES, DEVICES, TTA
 from hmnist.errors import UserError, at_least, cli, description
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
@@ -126,7 +126,7 @@ class _Member:
     """One checkpoint of a Predictor: its model and preprocessing."""
 
     def __init__(self, path: Path, device: torch.device):
-        from hmnist.engine import inference_model
+        from hmnist.inference import inference_model
         from hmnist.models import damaged_checkpoint, load_checkpoint
 
         self.path = path
@@ -159,7 +159,7 @@ class _Member:
         checkpoint's own views (tta None) or `tta`'s, and the checkpoint's calibration; `metadata`:
         the images' encoded metadata rows, for a metadata model (`metadata`)."""
         from hmnist import calibration
-        from hmnist.engine import predict_probs
+        from hmnist.inference import predict_probs
 
         probs = predict_probs(self.model, images, self.model_input, batch_size, device,
                               tta=self.tta if tta is None else tta, metadata=metadata)
@@ -222,12 +222,8 @@ class Predictor:
 
     @property
     def model(self) -> torch.nn.Module:
-        """The (first) checkpoint's model; replaceable, e.g. by a test's wrapper."""
+        """The (first) checkpoint's model."""
         return self.members[0].model
-
-    @model.setter
-    def model(self, value: torch.nn.Module) -> None:
-        self.members[0].model = value
 
     @property
     def model_input(self):
@@ -268,7 +264,7 @@ class Predictor:
         import torch
         from tqdm import tqdm
 
-        from hmnist.engine import BatchSize
+        from hmnist.inference import BatchSize
         from hmnist.metrics import submission_frame
 
         if isinstance(paths, (str, os.PathLike)):
@@ -339,7 +335,7 @@ class Predictor:
 
         from hmnist.calibration import decisions
 
-        columns = [c.upper() for c in CLASSES]
+        columns = CLASS_COLUMNS
         out = pd.DataFrame({"image": submission["image"],
                             "class": [CLASSES[i] for i in submission[columns].to_numpy().argmax(1)]})
         for name, flagged in decisions(calibrated[columns].to_numpy(), self.operating_points).items():

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hmnist.config import CLASSES, DEVICES
+from hmnist.config import CLASS_COLUMNS, CLASS_INDEX, CLASSES, DEVICES
 from hmnist.data import check_writable, write_whole
 from hmnist.errors import MAX_SEED, UserError, at_least, cli, description
-from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, PROB_COLUMNS, Run, check_same_test_set, parse_recipe, pull_hint,
+from hmnist.runs import (CHECKPOINT, IMAGES, INDEX, Run, check_same_test_set, number, parse_recipe, pull_hint,
                          run_predictions)
 
 if TYPE_CHECKING:
@@ -120,8 +120,8 @@ def differing_params(runs: list[RunData]) -> list[str]:
 def gallery_rows(frame: pd.DataFrame, per_kind: int) -> dict[str, dict[str, list[int]]]:
     """Per true class, the rows of the `per_kind` most confident right predictions and the
     `per_kind` most confident wrong ones (a true `mel` called something else: what it missed)."""
-    probs = frame[PROB_COLUMNS].to_numpy(float)
-    predicted, truth = probs.argmax(1), frame["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    probs = frame[CLASS_COLUMNS].to_numpy(float)
+    predicted, truth = probs.argmax(1), frame["dx"].map(CLASS_INDEX).to_numpy()
     confidence = probs.max(1)
     out = {}
     for i, name in enumerate(CLASSES):
@@ -138,8 +138,9 @@ def explain_run(data: RunData, per_kind: int, device_name: str) -> dict[str, dic
     import torch
 
     from hmnist.cam import class_maps, overlay
-    from hmnist.engine import inference_model, resolve_device
+    from hmnist.engine import resolve_device
     from hmnist.fusion import encoded_for
+    from hmnist.inference import inference_model
     from hmnist.models import load_checkpoint
 
     frame = data.predictions
@@ -162,7 +163,7 @@ def explain_run(data: RunData, per_kind: int, device_name: str) -> dict[str, dic
         raise UserError(f"{data.spec}'s {CHECKPOINT}: {e}") from None
     device = resolve_device(device_name, setting="--device")
     model, model_input = inference_model(checkpoint, device)
-    probs = frame[PROB_COLUMNS].to_numpy(float)[rows]
+    probs = frame[CLASS_COLUMNS].to_numpy(float)[rows]
     # a metadata model's map: its image part, with each image's metadata as its evaluation read it
     removed = [f for f in str(data.metrics.get("metadata_removed", "none")).split(",") if f != "none"]
     metadata = encoded_for(checkpoint, index.iloc[position[wanted].to_numpy()], len(rows), removed)
@@ -187,14 +188,10 @@ def png_uri(data: bytes | np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _number(value: float | None, sign: str = "") -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:{sign}.4f}"
-
-
 def _with_interval(value, low, high, sign: str = "") -> str:
     if low is None or high is None:
-        return _number(value, sign)
-    return f"{_number(value, sign)} [{_number(low, sign)}, {_number(high, sign)}]"
+        return number(value, sign)
+    return f"{number(value, sign)} [{number(low, sign)}, {number(high, sign)}]"
 
 
 def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tuple]:
@@ -206,8 +203,8 @@ def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tupl
         m = runs[0].metrics
         return {name: (m.get(name), m.get(f"{name}_low"), m.get(f"{name}_high")) for name in HEADLINE}
     first = runs[0].predictions
-    labels = first["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    out = recipe_intervals(labels, [r.predictions[PROB_COLUMNS].to_numpy(float) for r in runs],
+    labels = first["dx"].map(CLASS_INDEX).to_numpy()
+    out = recipe_intervals(labels, [r.predictions[CLASS_COLUMNS].to_numpy(float) for r in runs],
                            first["lesion_id"].to_numpy(), resamples, seed)
     eces = [r.metrics.get("ece") for r in runs]
     out["ece"] = (float(np.mean(eces)) if None not in eces else None, None, None)
@@ -239,7 +236,7 @@ def calibration_section(runs: list[RunData]) -> list[str]:
     for r in runs:
         m, ops = r.metrics, r.metrics.get("operating_points") or {}
         cells = [m.get("calibration", "n/a"),
-                 *(f"{_number(m.get(f'{k}_uncalibrated'))} &rarr; {_with_interval(m.get(k), m.get(f'{k}_low'), m.get(f'{k}_high'))}"
+                 *(f"{number(m.get(f'{k}_uncalibrated'))} &rarr; {_with_interval(m.get(k), m.get(f'{k}_low'), m.get(f'{k}_high'))}"
                    for k in ("ece", "brier"))]
         for name in points:
             op = ops.get(name, {})
@@ -279,14 +276,14 @@ def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dic
                    "<th>95% interval</th><th>verdict</th></tr>")
         for metric, r in result["metrics"].items():
             out.append(f'<tr class="verdict" data-metric="{e(metric)}"><td>{e(metric)}</td>'
-                       f'<td class="num">{_number(r["a"])}</td><td class="num">{_number(r["b"])}</td>'
-                       f'<td class="num">{_number(r["difference"], "+")}</td>'
-                       f'<td class="num">[{_number(r["low"], "+")}, {_number(r["high"], "+")}]</td>'
+                       f'<td class="num">{number(r["a"])}</td><td class="num">{number(r["b"])}</td>'
+                       f'<td class="num">{number(r["difference"], "+")}</td>'
+                       f'<td class="num">[{number(r["low"], "+")}, {number(r["high"], "+")}]</td>'
                        f'<td class="verdict">{e(r["verdict"])}</td></tr>')
         out.append("</table>")
     unique = list({r.spec: r for r in all_runs}.values())  # a run named in two recipes: one section
-    for number, data in enumerate(unique):
-        out.append(f'<section class="run" id="run-{number}"><h2>Run {e(data.spec)}</h2><div class="plots">')
+    for position, data in enumerate(unique):
+        out.append(f'<section class="run" id="run-{position}"><h2>Run {e(data.spec)}</h2><div class="plots">')
         for title, png in data.plots.items():
             body = (f'<img alt="{e(title)} of {e(data.spec)}" src="{png_uri(png)}">' if png is not None
                     else f'<p class="note">no {e(PLOTS[title])} in this run</p>')

@@ -25,10 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hmnist.config import DataConfig, load_params, user_path
-from hmnist.data import ARCHIVE
+from hmnist.data import ARCHIVE, METADATA
 from hmnist.errors import UserError, cli
 
-METADATA = "HAM10000_metadata.csv"  # at the top level of the Kaggle zip; its absence means the wrong thing
 ENDPOINT_VARIABLE = "HMNIST_KAGGLE_ENDPOINT"
 KAGGLE_API = "https://api.kaggle.com"
 TOKEN_PAGE = "https://www.kaggle.com/settings"

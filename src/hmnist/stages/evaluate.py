@@ -11,7 +11,7 @@ the calibrated probabilities go beside it, in predictions/test_calibrated.csv (d
 Every output is written under a temporary name and renamed when whole.
 
 The test split is never seen in training or model selection. Probabilities come from the
-checkpoint through `engine.inference_model` and `engine.predict_probs`, the path `hmnist predict`
+checkpoint through `inference.inference_model` and `inference.predict_probs`, the path `hmnist predict`
 takes too, so predicting the test images reproduces predictions/test.csv.
 """
 from __future__ import annotations
@@ -26,19 +26,15 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, roc_curve
 
 from hmnist import calibration, fusion
-from hmnist.config import CLASSES, load_params
-from hmnist.data import (METRICS, PLOTS, PREDICTIONS, PREPARED, fold_paths, fold_split, load_folds, load_prepared,
-                         load_split, split_rows, write_whole)
-from hmnist.engine import inference_model, predict_probs, resolve_device, to_device
+from hmnist.config import CLASS_COLUMNS, CLASSES, load_params
+from hmnist.data import (CALIBRATED_PREDICTIONS, METRICS, OOF_PREDICTIONS, PLOTS, PREDICTIONS, PREPARED, fold_paths,
+                         fold_split, load_folds, load_prepared, load_split, split_rows, write_whole)
+from hmnist.engine import resolve_device, to_device
+from hmnist.inference import inference_model, predict_probs
 from hmnist.errors import UserError, cli
 from hmnist.metrics import (CALIBRATION_METRICS, INTERVAL_METRICS, bootstrap_intervals, calibration_metrics,
                             calibration_table, compute_metrics, operating_point_metrics, roc_table, submission_frame)
 from hmnist.models import load_checkpoint
-
-CALIBRATED_PREDICTIONS = PREDICTIONS.with_name("test_calibrated.csv")
-# every non-test image predicted by the fold that held it out (cv.folds >= 2; header only
-# otherwise): ~5,000 images where the test split has ~900, for `hmnist compare --oof`
-OOF_PREDICTIONS = PREDICTIONS.with_name("oof.csv")
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -56,7 +52,7 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, poi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [c.upper() for c in CLASSES]
+    names = CLASS_COLUMNS
     cm = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(CLASSES))))
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7, 6))

@@ -30,11 +30,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from hmnist.config import CLASSES, METADATA_FIELDS, load_params
-from hmnist.data import ARCHIVE, IMAGES_FILE, INDEX_FILE, PREPARED, decode_image
+from hmnist.config import CLASS_INDEX, CLASSES, METADATA_FIELDS, load_params
+from hmnist.data import ARCHIVE, IMAGES_FILE, INDEX_FILE, METADATA, PREPARED, decode_image
 from hmnist.errors import UserError, cli
 
-METADATA = "HAM10000_metadata.csv"
 COLUMNS = ("image_id", "lesion_id", "dx")  # the metadata columns this stage needs
 # and those it copies when present (empty when the file has none: only a metadata model needs them)
 PATIENT_COLUMNS = METADATA_FIELDS
@@ -79,7 +78,7 @@ def read_metadata(archive: zipfile.ZipFile) -> list[dict]:
         raise UserError(f"{METADATA} has unknown dx label(s) {', '.join(map(repr, unknown))} "
                         f"(e.g. image {example}); known: {', '.join(CLASSES)}")
     for row in rows:
-        row["label"] = CLASSES.index(row["dx"])
+        row["label"] = CLASS_INDEX[row["dx"]]
     return sorted(rows, key=lambda r: r["image_id"])
 
 

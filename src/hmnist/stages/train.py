@@ -7,7 +7,7 @@ is that epoch's candidate. The checkpoint keeps the last epoch's (default), the 
 the best by a 3-epoch mean of the validation score (`train.select`). After every epoch the
 full training state is saved under models/.resume/, so an interrupted run continues where it
 stopped. With `train.devices` above 1, the stage starts one process per device through
-torchrun (hmnist.distributed); each trains on its share of every batch, and rank 0 alone writes.
+torchrun (hmnist.distributed, hmnist.collectives); each trains on its share of every batch, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +28,18 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
-from hmnist import calibration, distributed, fusion
+from hmnist import calibration, collectives, distributed, fusion, gpus
 from hmnist.augment import Augment, Mixer, ModelInput, memory_format
 from hmnist.config import CLASSES, ModelConfig, Params, load_params
 from hmnist.data import PREPARED, fold_paths, fold_split, load_folds, load_prepared, load_split, split_rows
-from hmnist.engine import (BatchSize, SmoothedCrossEntropy, backward_batch, class_weights, deterministic,
-                           epoch_batches, make_scheduler, param_groups, predict_probs, resolve_device, rng_state,
-                           set_rng_state, to_device)
+from hmnist.engine import deterministic, resolve_device, rng_state, set_rng_state, to_device
+from hmnist.inference import BatchSize, predict_probs
+from hmnist.training import (SmoothedCrossEntropy, backward_batch, class_weights, epoch_batches, make_scheduler,
+                             param_groups)
 from hmnist.errors import UserError, cli
 from hmnist.metrics import summary_metrics
 from hmnist.models import create_model, data_config, save_checkpoint
-
-
-@dataclass
-class History:
-    epochs: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = -1
-    best_score: float = -1.0
-    best_weights: str = "raw"  # or "ema": which of the epoch's two weight sets was kept
-    # per epoch: the validation balanced accuracy of its candidate (the better of its raw and
-    # EMA weights) and which weights those are
-    scores: list[float] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-
-
-def smoothed(scores: list[float], j: int) -> float:
-    """Epoch j's score averaged with its neighbours' (one side only at either end)."""
-    window = scores[max(0, j - 1):j + 2]
-    return sum(window) / len(window)
+from hmnist.selection import Selection
 
 
 def evaluate_split(model, images, labels, model_input, batch_size, device, metadata=None) -> dict[str, float]:
@@ -75,8 +59,9 @@ def resume_key(params: Params, split: pd.DataFrame, cache_shape: tuple[int, ...]
     after = ("calibration", "operating_points")
     train = {k: v for k, v in asdict(params.train).items() if k not in after}
     config = {k: v for k, v in asdict(params.model_config).items() if k != "tta"}
-    payload = json.dumps({"model": params.model, "config": config, "train": train, "cache": list(cache_shape)},
-                         sort_keys=True)
+    # "state": the resume file's format (2: epochs counted from 1), so a state of another is never resumed
+    payload = json.dumps({"model": params.model, "config": config, "train": train, "cache": list(cache_shape),
+                          "state": 2}, sort_keys=True)
     digest = hashlib.sha256(payload.encode())
     digest.update(pd.util.hash_pandas_object(split, index=False).values.tobytes())
     return digest.hexdigest()[:16]
@@ -94,9 +79,10 @@ def shared_batch_size(params: Params, train_images: int, processes: int) -> int:
 @dataclass
 class Run:
     """One training run: its data and objective on the device, what it trains, and how far it has
-    got (the last five fields, with the weights, are what the resume state saves)."""
+    got (the last three fields, with the weights, optimizer and random state, are what the resume
+    state saves)."""
     params: Params
-    ranks: distributed.Ranks
+    ranks: collectives.Ranks
     device: torch.device
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -107,7 +93,6 @@ class Run:
     generator: torch.Generator  # batch sampling and augmentation
     augment: Augment | None
     criterion: SmoothedCrossEntropy
-    loss_weights: torch.Tensor | None
     sample_weights: torch.Tensor | None
     mixer: Mixer | None
     batch_size: int
@@ -119,11 +104,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: ModelEmaV3 | None
     norm: dict[str, Any]  # the model's input mean and std, for the checkpoint
-    history: History = field(default_factory=History)
-    best_state: dict[str, torch.Tensor] | None = None
-    # with train.select smoothed: the last epoch's weights, until the next epoch scores it
-    pending_state: dict[str, torch.Tensor] | None = None
-    start_epoch: int = 0
+    selection: Selection  # which epoch's weights are kept so far
+    epochs_done: int = 0
     accum: int = 1  # micro-batches per batch: doubles when the GPU runs out of memory
     # a metadata model's (models.<name>.metadata) encoding, fitted on the train split, and the
     # train and val splits' encoded rows on the device; None for an image-only model
@@ -143,31 +125,39 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
     with deterministic(params.train.deterministic):
         run = _setup(params, images, index, split)
         _resume(run, resume_path, live)
-        for epoch in range(run.start_epoch, run.config.epochs):
+        for epoch in range(run.epochs_done + 1, run.config.epochs + 1):  # numbered from 1
             started = time.perf_counter()
             train_loss = _train_epoch(run, epoch)
             train_seconds = time.perf_counter() - started
             vals = _validate(run)
-            record = {"epoch": epoch + 1, "train/loss": train_loss, "lr": run.scheduler.get_last_lr()[0],
-                      **{f"{'val' if name == 'raw' else 'val_ema'}/{k}": v for name, val in vals.items()
-                         for k, v in val.items()},
-                      "epoch_seconds": time.perf_counter() - started,
-                      "train_images_per_second": run.steps_per_epoch * run.batch_size / train_seconds}
-            run.history.epochs.append(record)
+            record = epoch_record(epoch, train_loss, run.scheduler.get_last_lr()[0], vals)
+            record["epoch_seconds"] = time.perf_counter() - started
+            record["train_images_per_second"] = run.steps_per_epoch * run.batch_size / train_seconds
+            run.selection.history.epochs.append(record)
             _print_epoch(run, record, vals)
-            _select(run, epoch, vals)
+            run.selection.update(epoch, vals, _candidates(run))
             if live is not None:
                 _log(live, record)
             _save_state(run, resume_path, epoch)
         return _finish(run, images, curves)
 
 
+def epoch_record(epoch: int, train_loss: float, lr: float, vals: dict[str, dict[str, float]]) -> dict[str, float]:
+    """What the curves and the resume state keep of an epoch: its loss, learning rate and each
+    weight set's validation metrics (`val/...` the trained weights', `val_ema/...` their EMA's)."""
+    record = {"epoch": epoch, "train/loss": train_loss, "lr": lr}
+    for name, val in vals.items():
+        prefix = "val" if name == "raw" else "val_ema"
+        record.update({f"{prefix}/{key}": value for key, value in val.items()})
+    return record
+
+
 def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.DataFrame) -> Run:
     """Everything a run needs. The order is part of the result: the model's initialisation
     draws from the seeds set first."""
     config, tc = params.model_config, params.train
-    ranks = distributed.ranks()
-    device = distributed.device(tc.device, ranks, resolve_device(tc.device))
+    ranks = collectives.ranks()
+    device = gpus.device(tc.device, ranks, resolve_device(tc.device))
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
 
@@ -202,20 +192,21 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
                                   lr=config.lr, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, own(params, "schedule"), round(own(params, "warmup_epochs") * steps_per_epoch),
                                config.epochs * steps_per_epoch)
-    step_model = distributed.data_parallel(model, device, ranks)
+    step_model = collectives.data_parallel(model, device, ranks)
     step_model = torch.compile(step_model) if tc.compile else step_model
     ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
     return Run(params=params, ranks=ranks, device=device, train_images=train_images, train_labels=train_labels,
                val_images=val_images, val_labels=labels[val_rows], val_lesions=index["lesion_id"].to_numpy()[val_rows],
                model_input=model_input, generator=generator,
-               augment=augment, criterion=criterion, loss_weights=loss_weights, sample_weights=sample_weights,
+               augment=augment, criterion=criterion, sample_weights=sample_weights,
                mixer=mixer, batch_size=batch_size,
                # inference keeps no activations for backward: twice the training batch fits where
                # it does (and predict_probs halves it if not), and the batch size does not change the result
                val_batch_size=BatchSize(2 * config.batch_size), steps_per_epoch=steps_per_epoch,
                model=model, step_model=step_model, optimizer=optimizer, scheduler=scheduler, ema=ema, norm=norm,
                encoding=encoding, **_encoded(encoding, index, {"train_metadata": train_rows, "val_metadata": val_rows},
-                                             device))
+                                             device),
+               selection=Selection(tc.select, config.epochs))
 
 
 def _encoded(encoding: fusion.Encoding | None, index: pd.DataFrame, rows: dict[str, np.ndarray],
@@ -238,7 +229,7 @@ def _resume(run: Run, resume_path: Path | None, live: Any) -> None:
     state = None
     if resume_path is not None and resume_path.exists() and run.ranks.main:
         state = torch.load(resume_path, map_location="cpu", weights_only=True)  # loading copies to the device
-    state = distributed.from_main(state)  # rank 0's: every rank resumes alike, on other machines too
+    state = collectives.from_main(state)  # rank 0's: every rank resumes alike, on other machines too
     if state is None:
         return
     run.model.load_state_dict(state["model"])
@@ -248,13 +239,12 @@ def _resume(run: Run, resume_path: Path | None, live: Any) -> None:
         run.ema.load_state_dict(state["ema"])
     rng = state["rng"]  # one per rank when several (their dropout draws differ)
     set_rng_state(rng[run.ranks.rank] if isinstance(rng, list) else rng, run.generator)
-    run.history = History(**state["history"])
-    run.best_state, run.pending_state = state["best_state"], state["pending_state"]
-    run.start_epoch, run.accum = state["epoch"] + 1, state["accum"]
+    run.selection.load_state_dict(state)
+    run.epochs_done, run.accum = state["epochs_done"], state["accum"]
     if run.ranks.main:
-        print(f"resuming after epoch {run.start_epoch} of {run.config.epochs} from {resume_path}", file=sys.stderr)
+        print(f"resuming after epoch {run.epochs_done} of {run.config.epochs} from {resume_path}", file=sys.stderr)
     if live is not None:
-        for record in run.history.epochs:  # DVC deleted the old plots: write them again
+        for record in run.selection.history.epochs:  # DVC deleted the old plots: write them again
             _log(live, record)
 
 
@@ -263,13 +253,13 @@ def _train_epoch(run: Run, epoch: int) -> float:
     run.model.train()
     losses = []
     batches = epoch_batches(len(run.train_labels), run.batch_size, run.generator, run.sample_weights)
-    bar = tqdm(batches, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.config.epochs}", unit="batch",
+    bar = tqdm(batches, total=run.steps_per_epoch, desc=f"epoch {epoch}/{run.config.epochs}", unit="batch",
                disable=not run.ranks.main)
     for i, batch in enumerate(bar):
         losses.append(_train_step(run, batch))
         if i % 20 == 0:  # reading the loss waits for the GPU: not every step
             bar.set_postfix(loss=f"{losses[-1].item() * run.ranks.world:.3f}")
-    return distributed.all_sum(torch.stack(losses).mean()).item()  # the ranks' parts of each batch's loss
+    return collectives.all_sum(torch.stack(losses).mean()).item()  # the ranks' parts of each batch's loss
 
 
 def _train_step(run: Run, batch: torch.Tensor) -> torch.Tensor:
@@ -288,11 +278,10 @@ def _train_step(run: Run, batch: torch.Tensor) -> torch.Tensor:
         x = run.model_input(run.train_images[batch[at]], run.augment, None if draws is None else draws[at])
         return x if metadata is None else (x, metadata[at])
 
-    positions = torch.arange(len(batch), device=batch.device)
     while True:
         try:
-            loss = backward_batch(run.step_model, inputs, labels, run.criterion, run.loss_weights, positions,
-                                  run.accum, run.device, ranks.shard, ranks.world, run.mixer)
+            loss = backward_batch(run.step_model, inputs, labels, run.criterion, run.accum, run.device, ranks,
+                                  run.mixer)
             clip = own(run.params, "clip_grad")
             if clip > 0:  # after DDP's all-reduce: every rank clips the same gradient
                 dispatch_clip_grad(run.model.parameters(), clip, mode=tc.clip_mode)
@@ -329,7 +318,7 @@ def _validate(run: Run) -> dict[str, dict[str, float]]:
     vals = {name: evaluate_split(model, run.val_images, run.val_labels, run.model_input, run.val_batch_size,
                                  run.device, run.val_metadata)
             for name, model in _candidates(run).items()} if run.ranks.main else None
-    return distributed.from_main(vals)
+    return collectives.from_main(vals)
 
 
 def _print_epoch(run: Run, record: dict[str, float], vals: dict[str, dict[str, float]]) -> None:
@@ -341,39 +330,17 @@ def _print_epoch(run: Run, record: dict[str, float], vals: dict[str, dict[str, f
               f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
 
 
-def _select(run: Run, epoch: int, vals: dict[str, dict[str, float]]) -> None:
-    """Score the epoch's candidate and keep the weights `train.select` chooses so far."""
-    history, select, epochs = run.history, run.params.train.select, run.config.epochs
-    # the epoch's candidate: the better of its raw and EMA weights (raw on a tie)
-    name = max(vals, key=lambda n: vals[n]["balanced_accuracy"])
-    history.scores.append(vals[name]["balanced_accuracy"])
-    history.names.append(name)
-    current = {k: v.detach().to("cpu", copy=True) for k, v in _candidates(run)[name].state_dict().items()}
-    if select == "smoothed":  # an epoch's score is known once the next one is validated
-        options = [(epoch - 1, run.pending_state)] if epoch > 0 else []
-        options += [(epoch, current)] if epoch + 1 == epochs else []
-        run.pending_state = current
-    else:
-        options = [(epoch, current)]
-    for j, weights in options:
-        score = smoothed(history.scores, j) if select == "smoothed" else history.scores[j]
-        if select == "last" or score > history.best_score:
-            history.best_score, history.best_epoch, history.best_weights = score, j + 1, history.names[j]
-            run.best_state = weights
-
-
 def _save_state(run: Run, resume_path: Path | None, epoch: int) -> None:
-    """The whole training state after `epoch`, written whole or not at all (an interrupted
+    """The whole training state after `epoch` (from 1), written whole or not at all (an interrupted
     write leaves the previous state)."""
     # every rank's generator state, gathered on every rank (a collective: all take part)
-    rng = distributed.gather(rng_state(run.generator)) if run.ranks.world > 1 else rng_state(run.generator)
+    rng = collectives.gather(rng_state(run.generator)) if run.ranks.world > 1 else rng_state(run.generator)
     if resume_path is None or not run.ranks.main:
         return
     resume_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(), "rng": rng,
-                "history": asdict(run.history), "best_state": run.best_state, "pending_state": run.pending_state,
-                "epoch": epoch, "accum": run.accum,
+                **run.selection.state_dict(), "epochs_done": epoch, "accum": run.accum,
                 "ema": run.ema.state_dict() if run.ema is not None else None},
                resume_path.with_suffix(".tmp"))
     resume_path.with_suffix(".tmp").replace(resume_path)
@@ -404,10 +371,10 @@ def calibrate(run: Run) -> dict[str, Any]:
 def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Module, dict[str, Any]]:
     """The kept weights loaded, the curves drawn, the calibration fitted, and the checkpoint's
     metadata: how the model was made."""
-    params, config, history = run.params, run.config, run.history
-    run.model.load_state_dict(run.best_state)
+    params, config, history = run.params, run.config, run.selection.history
+    run.model.load_state_dict(run.selection.best_state)
     fitted = calibrate(run) if run.ranks.main else {}  # only rank 0 writes the checkpoint
-    best = history.epochs[history.best_epoch - 1]
+    best = history.record(history.best_epoch)
     prefix = "val" if history.best_weights == "raw" else "val_ema"
     if curves is not None and run.ranks.main:
         plot_history(history.epochs, history.best_epoch, history.best_weights, curves)
@@ -503,7 +470,7 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> None:
         _main(params, fold, ranks)
 
 
-def _main(params: Params, fold: int, ranks: distributed.Ranks) -> None:
+def _main(params: Params, fold: int, ranks: collectives.Ranks) -> None:
     from dvclive import Live
 
     split = fold_split(load_split(), load_folds(), fold)  # this fold's images are its val split
