@@ -105,7 +105,7 @@ def split_summary(split: pd.DataFrame, unit: str = "images") -> dict[str, dict[s
 
 def weights_origin(config: dict[str, Any]) -> str:
     """Where the weights the training started from came from, by the checkpoint's model config."""
-    from hmnist.models import PACKAGED_WEIGHTS
+    from hmnist.weights import PACKAGED_WEIGHTS
 
     arch = config["arch"]
     if not config.get("pretrained"):
