@@ -204,13 +204,13 @@ def test_a_killed_rank_ends_the_stage_with_one_line(stage_dir):
 
 
 def test_a_user_error_in_every_worker_is_reported_once(stage_dir):
-    shutil.rmtree(stage_dir / "data/prepared")  # the split is there (the launcher checks it), the cache is not
+    shutil.rmtree(stage_dir / "data/prepared")  # the split is there (the launcher checks it), the cache is not (its index is looked for first)
     stage = start_stage(stage_dir)
     _, err = stage.communicate(timeout=120)
     assert stage.returncode == 2
     assert "training in 2 CPU processes (gloo)" in err  # the workers found it, not the launcher
     assert [line for line in err.splitlines() if "error" in line.lower()] == \
-        ["error: data/prepared/images.npy not found: run the prepare stage first (dvc repro prepare)"], err
+        ["error: data/prepared/index.csv not found: run the prepare stage first (dvc repro prepare)"], err
 
 
 def test_workers_die_with_a_killed_launcher(stage_dir):
