@@ -107,14 +107,14 @@ def stage_step(run: Run) -> Step:
     """The train stage's own step on `run` (built by its own `_setup`): batches drawn as its
     epochs draw them, one optimizer step each, with whatever the params set (augmentation,
     loss, clipping, schedule, EMA). tests/test_bench.py holds it to the stage's weights."""
-    run.model.train()
+    run.optimisation.model.train()
     batches = iter(())
 
     def step() -> torch.Tensor:
         nonlocal batches
         batch = next(batches, None)
         if batch is None:  # an epoch's batches, as the stage's _train_epoch draws them
-            batches = epoch_batches(len(run.train_labels), run.batch_size, run.generator, run.sample_weights)
+            batches = epoch_batches(len(run.data.train_labels), run.batch_size, run.generator, run.sample_weights)
             batch = next(batches)
         return _train_step(run, batch)
     return step
@@ -124,10 +124,10 @@ def input_way(run: Run) -> Step:
     """The stage's input pipeline alone (gather, augment, normalise, as its step calls it): what
     it adds to each step, at most."""
     def step() -> torch.Tensor:
-        batch = torch.randint(0, len(run.train_labels), (run.batch_size,), generator=run.generator,
+        batch = torch.randint(0, len(run.data.train_labels), (run.batch_size,), generator=run.generator,
                               device=run.device)
         draws = run.augment.draw(len(batch)) if run.augment is not None else None
-        return run.model_input(run.train_images[batch], run.augment, draws)
+        return run.model_input(run.data.train_images[batch], run.augment, draws)
     return step
 
 

@@ -30,7 +30,7 @@ def test_bench_step_is_the_stages_step(tmp_path, synthetic_zip):
     assert run.steps_per_epoch >= 2
     for _ in range(run.steps_per_epoch):
         step()
-    bench_weights = run.model.state_dict()
+    bench_weights = run.optimisation.model.state_dict()
     for name, weights in stage_model.state_dict().items():
         assert torch.equal(weights, bench_weights[name]), name
 

@@ -17,6 +17,7 @@ from hmnist.errors import UserError
 from hmnist.models import create_model
 from hmnist.stages.prepare import prepare
 from hmnist.stages.split import split_lesions
+from hmnist import training as training_module
 from hmnist.stages import train as train_module
 from hmnist.stages.train import train
 
@@ -348,13 +349,13 @@ def test_rng_state_round_trip_covers_every_generator(monkeypatch):
 def test_deterministic_mode_is_on_while_training_and_restored_after(data, synthetic_zip, monkeypatch):
     images, index, split = data
     seen = []
-    real_backward = train_module.backward_batch
+    real_backward = training_module.backward_batch
 
     def recording(*args, **kwargs):
         seen.append(torch.are_deterministic_algorithms_enabled())
         return real_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "backward_batch", recording)
+    monkeypatch.setattr(training_module, "backward_batch", recording)
     raw = tiny_params(synthetic_zip)
     raw["models"]["resnet9"]["epochs"] = 1
     raw["train"]["deterministic"] = True
@@ -615,7 +616,7 @@ def test_gradient_clipping_and_layer_decay_reach_the_optimizer(data, synthetic_z
     raw["models"]["deit"].update(epochs=1, layer_decay=0.75)
     raw["train"].update(clip_grad=0.5, clip_mode="value")
     seen = {"clip": [], "layer_decay": []}
-    real_clip, real_groups = train_module.dispatch_clip_grad, train_module.param_groups
+    real_clip, real_groups = training_module.dispatch_clip_grad, training_module.param_groups
 
     def clip(parameters, value, mode):
         parameters = list(parameters)
@@ -626,8 +627,8 @@ def test_gradient_clipping_and_layer_decay_reach_the_optimizer(data, synthetic_z
         seen["layer_decay"].append(layer_decay)
         return real_groups(model, lr, weight_decay, layer_decay, decay_all)
 
-    monkeypatch.setattr(train_module, "dispatch_clip_grad", clip)
-    monkeypatch.setattr(train_module, "param_groups", groups)
+    monkeypatch.setattr(training_module, "dispatch_clip_grad", clip)
+    monkeypatch.setattr(training_module, "param_groups", groups)
     train(parse_params(raw), images, index, split)
     assert seen["layer_decay"] == [0.75]
     assert seen["clip"] and all(v == 0.5 and m == "value" and largest <= 0.5 for v, m, largest in seen["clip"])
@@ -641,10 +642,11 @@ def test_a_models_own_recipe_overrides_the_train_block(data, synthetic_zip, monk
     raw["models"]["deit"].update(epochs=1, clip_grad=0.25, schedule="onecycle", decay_all=True)
     raw["train"].update(clip_grad=0.5, clip_mode="value", schedule="cosine", decay_all=False)
     seen = {"clip": set(), "decay_all": [], "schedule": []}
-    real_groups, real_scheduler = train_module.param_groups, train_module.make_scheduler
-    monkeypatch.setattr(train_module, "dispatch_clip_grad", lambda parameters, value, mode: seen["clip"].add(value))
-    monkeypatch.setattr(train_module, "param_groups", lambda *a: seen["decay_all"].append(a[-1]) or real_groups(*a))
-    monkeypatch.setattr(train_module, "make_scheduler", lambda o, s, *a: seen["schedule"].append(s) or real_scheduler(o, s, *a))
+    real_groups, real_scheduler = training_module.param_groups, training_module.make_scheduler
+    monkeypatch.setattr(training_module, "dispatch_clip_grad", lambda parameters, value, mode: seen["clip"].add(value))
+    monkeypatch.setattr(training_module, "param_groups", lambda *a: seen["decay_all"].append(a[-1]) or real_groups(*a))
+    monkeypatch.setattr(training_module, "make_scheduler",
+                        lambda o, s, *a: seen["schedule"].append(s) or real_scheduler(o, s, *a))
     train(parse_params(raw), images, index, split)
     assert seen == {"clip": {0.25}, "decay_all": [True], "schedule": ["onecycle"]}
     raw["models"]["deit"].update(clip_grad=None, schedule=None, decay_all=None)

@@ -1,20 +1,23 @@
 """The training step's pieces: class weights, the smoothed and weighted loss, the learning-rate
-schedule, the optimizer's parameter groups, one batch's backward pass in micro-batches, and an
-epoch's batches.
+schedule, the optimizer's parameter groups, one batch's backward pass in micro-batches, an
+epoch's batches, and `Optimisation`, the one owner of what an optimizer step changes.
 """
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 
-from hmnist.collectives import Ranks
-from hmnist.config import CLASSES
+from hmnist.collectives import Ranks, data_parallel
+from hmnist.config import CLASSES, Params, TrainConfig
 from hmnist.engine import autocast
+from hmnist.errors import UserError
 
 if TYPE_CHECKING:
     from hmnist.augment import Mixer
@@ -68,6 +71,15 @@ class SmoothedCrossEntropy(nn.Module):
         if self.per_class:
             return -(q * self.weights * log_p).sum(dim=1)
         return -(q * log_p).sum(dim=1) * (targets @ self.weights)
+
+
+def objective(tc: TrainConfig, train_labels: torch.Tensor) -> tuple[SmoothedCrossEntropy, torch.Tensor | None]:
+    """The loss, and the sampler's weight for each train image: class imbalance weighs on one or
+    the other, or on neither (train.balance)."""
+    weights = class_weights(train_labels.cpu().numpy(), tc.balance_power).to(train_labels.device)
+    loss_weights = weights if tc.balance in ("loss", "sample_loss") else None
+    criterion = SmoothedCrossEntropy(loss_weights, tc.label_smoothing, per_class=tc.balance == "loss")
+    return criterion, weights[train_labels] if tc.balance == "sampler" else None
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -164,3 +176,102 @@ def epoch_batches(
     usable = max(batch_size, n - n % batch_size) if n >= batch_size else n
     for start in range(0, usable, batch_size):
         yield order[start:start + batch_size]
+
+
+def own(params: Params, key: str) -> Any:
+    """The model's own `key` (warmup_epochs, schedule, decay_all, clip_grad) when its entry sets
+    one, else the train block's."""
+    value = getattr(params.model_config, key)
+    return getattr(params.train, key) if value is None else value
+
+
+class Optimisation:
+    """What an optimizer step changes, owned here alone: the weights and their moving average
+    (EMA), the optimizer and its schedule, and the micro-batches per batch. The resume state
+    saves and restores it whole (`state_dict`)."""
+
+    def __init__(self, params: Params, model: nn.Module, device: torch.device, ranks: Ranks, steps_per_epoch: int):
+        config, tc = params.model_config, params.train
+        self.params, self.model, self.device, self.ranks = params, model, device, ranks
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay,
+                                                        own(params, "decay_all")),
+                                           lr=config.lr, fused=device.type == "cuda")
+        self.scheduler = make_scheduler(self.optimizer, own(params, "schedule"),
+                                        round(own(params, "warmup_epochs") * steps_per_epoch),
+                                        config.epochs * steps_per_epoch)
+        # the model as the step calls it: wrapped by DDP, compiled when set
+        step_model = data_parallel(model, device, ranks)
+        self.step_model = torch.compile(step_model) if tc.compile else step_model
+        self.ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+        self.accum = 1  # micro-batches per batch: doubles when the GPU runs out of memory
+
+    def step(self, inputs: Callable[[torch.Tensor], Any], labels: torch.Tensor, criterion: SmoothedCrossEntropy,
+             mix: Mixer | None = None) -> torch.Tensor:
+        """One optimizer step on a batch (`inputs` and `labels` as backward_batch takes them);
+        on running out of GPU memory, the same step again in twice as many micro-batches.
+        Returns this rank's part of the batch's loss."""
+        while True:
+            try:
+                loss = backward_batch(self.step_model, inputs, labels, criterion, self.accum,
+                                      self.device, self.ranks, mix)
+                self._update()
+                return loss
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._more_micro_batches(len(labels))
+
+    def _update(self) -> None:
+        """The optimizer's step from the accumulated gradient, the schedule's, and the EMA's."""
+        clip = own(self.params, "clip_grad")
+        if clip > 0:  # after DDP's all-reduce: every rank clips the same gradient
+            dispatch_clip_grad(self.model.parameters(), clip, mode=self.params.train.clip_mode)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.scheduler.last_epoch)  # optimizer steps so far, resumed with it
+
+    def _more_micro_batches(self, batch: int) -> None:
+        """Twice the micro-batches, after running out of GPU memory on a batch of `batch` images;
+        a user error where that cannot help."""
+        config, ranks = self.params.model_config, self.ranks
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if ranks.world > 1:  # the ranks would have to agree on micro-batches mid-step
+            raise UserError(f"out of GPU memory at {math.ceil(batch / ranks.world)} images per GPU for "
+                            f"{config.arch}: lower models.{self.params.model}.batch_size or train on more GPUs")
+        if batch // self.accum <= 1:
+            raise UserError(f"out of GPU memory even with micro-batches of 1 for {config.arch} "
+                            f"at {config.resize}px: lower resize or use a smaller model") from None
+        self.accum *= 2
+        print(f"notice: out of GPU memory at batch {batch}; continuing with {self.accum} micro-batches "
+              f"of {math.ceil(batch / self.accum)} and gradient accumulation (same effective batch)",
+              file=sys.stderr)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the last step (the first group's)."""
+        return self.scheduler.get_last_lr()[0]
+
+    def candidates(self) -> dict[str, nn.Module]:
+        """The weight sets to validate: the trained ones, and their moving average when there is one."""
+        return {"raw": self.model} if self.ema is None else {"raw": self.model, "ema": self.ema.module}
+
+    def kept(self, weights: dict[str, torch.Tensor]) -> nn.Module:
+        """The model with `weights` loaded (the epoch that training kept), in eval mode."""
+        self.model.load_state_dict(weights)
+        return self.model.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Its part of the resume state, under the resume file's keys."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "accum": self.accum,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.accum = state["accum"]
