@@ -17,7 +17,7 @@ import numpy as np
 
 from hmnist.runs import MODEL_CARD, PLOTS, RunData, number
 
-# metrics.INTERVAL_METRICS and the ECE (metrics.py imports sklearn: not at `hmnist --help`)
+# bootstrap.INTERVAL_METRICS and the ECE (bootstrap.py imports threadpoolctl, metrics.py sklearn: not at `hmnist --help`)
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "melanoma_sensitivity", "ece")
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -40,7 +40,7 @@ details.card pre { white-space: pre-wrap; font-size: 12px; background: #f7f7f7; 
 def render(recipes: list[list[RunData]], names: list[str], comparisons: list[dict], galleries: dict[str, dict],
            rows: list[dict[str, tuple]], per_kind: int) -> str:
     """The page: `rows` are the recipes' headline metrics (value, low, high), `comparisons` each
-    later recipe against the first (metrics.compare_runs), `galleries` each run's (gallery.py)."""
+    later recipe against the first (bootstrap.compare_runs), `galleries` each run's (gallery.py)."""
     e = html.escape
     all_runs = [r for recipe in recipes for r in recipe]
     unique = list({r.spec: r for r in all_runs}.values())  # a run named in two recipes: one section

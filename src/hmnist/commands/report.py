@@ -38,7 +38,7 @@ from hmnist.runs import RunData, check_same_test_set, parse_recipe
 def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tuple]:
     """Each headline metric (value, low, high): metrics.json's for one run; for several, the
     mean over the runs and its two-level bootstrap interval (ECE: the mean, without one)."""
-    from hmnist.metrics import recipe_intervals
+    from hmnist.bootstrap import recipe_intervals
 
     if len(runs) == 1:
         m = runs[0].metrics
@@ -55,7 +55,7 @@ def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tupl
 def report(recipes: list[list[str]], repo: str = ".", per_kind: int = 3, resamples: int = 2000, seed: int = 0,
            device: str = "auto", progress: bool = False) -> str:
     """The report's HTML for `recipes` (each a list of run names)."""
-    from hmnist.metrics import compare_runs
+    from hmnist.bootstrap import compare_runs
 
     started = time.perf_counter()
     data = [[RunData(spec, repo) for spec in specs] for specs in recipes]

@@ -32,8 +32,9 @@ from hmnist.data import (CALIBRATED_PREDICTIONS, METRICS, OOF_PREDICTIONS, PLOTS
 from hmnist.engine import resolve_device, to_device
 from hmnist.inference import inference_model, predict_probs
 from hmnist.errors import UserError, cli
-from hmnist.metrics import (CALIBRATION_METRICS, INTERVAL_METRICS, bootstrap_intervals, calibration_metrics,
-                            calibration_table, compute_metrics, operating_point_metrics, roc_table, submission_frame)
+from hmnist.bootstrap import (CALIBRATION_METRICS, INTERVAL_METRICS, bootstrap_intervals, calibration_metrics,
+                              operating_point_metrics)
+from hmnist.metrics import calibration_table, compute_metrics, roc_table, submission_frame
 from hmnist.models import load_checkpoint
 
 
