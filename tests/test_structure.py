@@ -34,7 +34,7 @@ LIBRARY = {"config", "data", "models", "weights", "engine", "training", "inferen
            "calibration", "distributed", "collectives", "gpus", "selection", "errors", "cam", "runs",
            "synthetic", "fusion", "onnx_export", "card", "predictor", "image_files",
            "params_rules", "report_page", "gallery", "metrics_markdown",
-           "bootstrap"}
+           "bootstrap", "onnx_model"}
 COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, the __init__.py files only docstrings and
@@ -97,8 +97,7 @@ def test_the_tree_shows_the_architecture():
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 350, 50
 # Over the limits when the test came (issue 30; with the ONNX export, the model card and the
 # metadata fusion merged beside it), each to be split: this list may only shrink.
-OVERSIZE = {"onnx_export.py", "onnx_export.py:__init__",
-            "onnx_export.py:_graph", "stages/evaluate.py:main", "stages/evaluate.py:plot_pngs",
+OVERSIZE = {"stages/evaluate.py:main", "stages/evaluate.py:plot_pngs",
             "stages/train.py", "stages/train.py:_setup"}
 
 

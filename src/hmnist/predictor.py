@@ -84,9 +84,9 @@ def check_classes(path: Path, classes: Sequence[str]) -> None:
 
 
 def load_member(path: Path, device: torch.device):
-    """A checkpoint (.pt) as a _Member, or an ONNX export (.onnx) as an onnx_export.OnnxModel:
+    """A checkpoint (.pt) as a _Member, or an ONNX export (.onnx) as an onnx_model.OnnxModel:
     both give (probabilities, calibrated probabilities) of uint8 cache-size images through `outputs`."""
-    from hmnist.onnx_export import OnnxModel, is_onnx
+    from hmnist.onnx_model import OnnxModel, is_onnx
 
     if not is_onnx(path):
         return _Member(path, device)
