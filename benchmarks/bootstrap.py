@@ -72,7 +72,7 @@ def main() -> None:
         print(f"python -m hmnist.stages.evaluate, evaluate.bootstrap {bootstrap}: median {statistics.median(values):.2f} s, "
               f"best {min(values):.2f} s ({', '.join(f'{v:.2f}' for v in values)})")
 
-    from hmnist.metrics import bootstrap_intervals
+    from hmnist.bootstrap import bootstrap_intervals
     predictions = pd.read_csv(root / "predictions/test.csv")
     probs = predictions[["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]].to_numpy()
     labels = predictions["dx"].map({c: i for i, c in enumerate(("mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"))})

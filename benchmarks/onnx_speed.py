@@ -8,7 +8,7 @@ Both ways do what `hmnist predict` does with a batch of decoded images (uint8, a
 prepare.size): resize to the model's input and normalise, the checkpoint's test-time
 augmentation views, softmax and their mean, and the calibration. PyTorch eager: engine's
 predict_probs and calibration.apply, fp32, the model in the layout the CPU inference uses.
-ONNX Runtime: the export stage's graph (onnx_export.export) through onnx_export.OnnxModel,
+ONNX Runtime: the export stage's graph (onnx_export.export) through onnx_model.OnnxModel,
 whose resize to the input size is torch's, as predict's. Both use the same number of threads.
 The two take turns, batch by batch, for `--seconds` each per round, so whatever else the
 machine runs slows both alike; each reports its median round, in images per second.
@@ -36,7 +36,8 @@ from hmnist.calibration import apply
 from hmnist.config import CLASSES, load_params
 from hmnist.inference import inference_model, predict_probs
 from hmnist.models import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, create_model, data_config, load_checkpoint
-from hmnist.onnx_export import OnnxModel, export
+from hmnist.onnx_export import export
+from hmnist.onnx_model import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
 

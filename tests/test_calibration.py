@@ -4,8 +4,8 @@ import pytest
 
 from hmnist import calibration
 from hmnist.config import OperatingPointConfig
-from hmnist.metrics import (calibration_metrics, expected_calibration_error, lesion_weights, operating_point_metrics,
-                            weighted_calibration)
+from hmnist.bootstrap import calibration_metrics, lesion_weights, operating_point_metrics, weighted_calibration
+from hmnist.metrics import expected_calibration_error
 
 
 def softmax(z):
@@ -123,7 +123,7 @@ def test_operating_point_metrics():
 
 
 def test_compare_operating_points():
-    from hmnist.metrics import compare_operating_points
+    from hmnist.bootstrap import compare_operating_points
 
     rng = np.random.default_rng(7)
     labels = rng.integers(0, 7, 300)

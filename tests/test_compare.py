@@ -11,7 +11,7 @@ from hmnist.commands.compare import compare
 from hmnist.runs import _with_truth, check_same_test_set, read_run
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
-from hmnist.metrics import paired_bootstrap, verdict
+from hmnist.bootstrap import paired_bootstrap, verdict
 
 from conftest import BIN, make_project, run
 

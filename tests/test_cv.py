@@ -55,7 +55,7 @@ def test_three_folds(project, tmp_path, capsys):
         assert (project / f"dvclive/fold{fold}/metrics.json").exists()
     assert (project / "dvclive/metrics.json").exists()  # fold 0's, beside the others
     # the export is the ensemble evaluate measured: the 3 fold models in one graph
-    from hmnist.onnx_export import OnnxModel
+    from hmnist.onnx_model import OnnxModel
 
     assert OnnxModel(project / "export/model.onnx").members == 3
     assert "the 3 cross-validation fold models' ensemble" in (project / "export/MODEL_CARD.md").read_text()

@@ -69,7 +69,7 @@ def test_a_checkpoint_of_another_version_or_class_list(tmp_path):
     with pytest.raises(UserError, match=rf"^{tmp_path}/future.pt is checkpoint version 99, this hmnist reads version 1$"):
         load_checkpoint(tmp_path / "future.pt")
 
-    from hmnist.commands.predict import Predictor
+    from hmnist.predictor import Predictor
 
     tiny_checkpoint(tmp_path / "other.pt", classes=[c.upper() for c in CLASSES])
     with pytest.raises(UserError, match=rf"^{tmp_path}/other.pt predicts classes MEL, NV, .*, "
@@ -78,7 +78,7 @@ def test_a_checkpoint_of_another_version_or_class_list(tmp_path):
 
 
 def test_an_ensemble_of_two_cache_sizes(tmp_path):
-    from hmnist.commands.predict import Predictor
+    from hmnist.predictor import Predictor
 
     a, b = tiny_checkpoint(tmp_path / "a.pt", 32), tiny_checkpoint(tmp_path / "b.pt", 64)
     with pytest.raises(UserError, match=rf"^{b} reads 64px images but {a} 32px: "

@@ -104,12 +104,11 @@ UNMATCHABLE = {
     ("models.py", "checkpoint {} is a folder{}"):
         "'is a folder' is 11 characters; documented as `checkpoint {path} is a folder: give one of its checkpoints ...`",
     ("runs.py", "{} has no {}: {}"):
-        "the missing file is a placeholder; documented as `{run} has no metrics/metrics.json` and the like",
-    ("commands/report.py", "{} has no {}: {}"):
-        "the missing file is a placeholder; documented as `{run} has no models/model.pt ...` and the like",
+        "the missing file is a placeholder; documented as `{run} has no metrics/metrics.json`, "
+        "`{run} has no models/model.pt ...` and the like",
     ("stages/download.py", "cannot read {}: {}"):
         "'cannot read' alone is in several messages; documented as `cannot read {path}: {reason}` under download",
-    ("commands/report.py", "{}'s {}: {}"):
+    ("gallery.py", "{}'s {}: {}"):
         "the checkpoint's path is runs.CHECKPOINT, derived from data.py's (no literal); documented as "
         "`{run}'s models/model.pt: {a checkpoint error above}`",
     ("stages/prepare.py", "cannot read {}: {}"):

@@ -23,7 +23,8 @@ import yaml
 
 from hmnist.config import CLASSES, ModelConfig
 from hmnist.errors import UserError
-from hmnist.onnx_export import CALIBRATED, INPUT, OUTPUT, TOLERANCE, OnnxModel, check, export, reference_probs
+from hmnist.onnx_export import TOLERANCE, check, export, reference_probs
+from hmnist.onnx_model import CALIBRATED, INPUT, OUTPUT, OnnxModel
 from hmnist.synthetic import image_folder
 
 from conftest import BIN, REPO, run, tiny_params

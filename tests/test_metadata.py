@@ -23,7 +23,7 @@ import hmnist
 from hmnist.augment import ModelInput
 from hmnist.cam import class_maps
 from hmnist.commands import predict as predict_module
-from hmnist.commands.report import used_metadata
+from hmnist.report_page import used_metadata
 from hmnist.config import METADATA_FIELDS, ModelConfig, parse_params
 from hmnist.data import load_prepared, load_split, split_rows
 from hmnist.inference import inference_model, predict_probs

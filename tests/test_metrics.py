@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from hmnist.config import CLASSES
-from hmnist.metrics import (INTERVAL_METRICS, bootstrap_intervals, calibration_table, compute_metrics,
-                            expected_calibration_error, lesion_weights, paired_bootstrap, weighted_metrics)
+from hmnist.bootstrap import INTERVAL_METRICS, bootstrap_intervals, lesion_weights, paired_bootstrap, weighted_metrics
+from hmnist.metrics import calibration_table, compute_metrics, expected_calibration_error
 
 K = len(CLASSES)
 

@@ -201,11 +201,11 @@ def test_tta_modes(trained, model, images):
 def test_predict_out_of_memory_halves_the_batch(trained, images, capsys):
     small_gpu = hmnist.load(trained / "models/model.pt", device="cpu")
     expected = small_gpu.predict(images, batch_size=4)
-    small_gpu.members[0].model = LimitedGpu(small_gpu.model, max_eval_batch=2).eval()
+    small_gpu.members[0].model = LimitedGpu(small_gpu.members[0].model, max_eval_batch=2).eval()
     frame = small_gpu.predict(images, batch_size=4)  # decoded batches of 4 and 2
     assert capsys.readouterr().err.count("out of GPU memory in inference; continuing with batches of 2") == 1
     np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:8].to_numpy(), atol=1e-5)
-    small_gpu.model.max_eval_batch = 0
+    small_gpu.members[0].model.max_eval_batch = 0
     with pytest.raises(UserError, match="out of GPU memory even for one image at a time"):
         small_gpu.predict(images)
 
@@ -379,6 +379,7 @@ def test_damaged_checkpoint_with_our_format(trained, images, tmp_path):
 
 def test_explain_writes_each_images_map(trained, model, images, tmp_path, capsys):
     from hmnist.cam import class_maps, overlay
+    from hmnist.image_files import read_image
 
     out, maps = tmp_path / "predictions.csv", tmp_path / "maps"
     predict_module.main(["--checkpoint", str(trained / "models/model.pt"), str(images), "--out", str(out),
@@ -388,9 +389,10 @@ def test_explain_writes_each_images_map(trained, model, images, tmp_path, capsys
     assert sorted(p.stem for p in maps.glob("*.png")) == frame["image"].tolist()
     # each is the map for the predicted class over the image as the model saw it
     first = next(p for p in images.rglob("*") if p.stem == frame["image"][0])
-    image, _ = predict_module.read_image(first, model.prepare_size)
+    image, _ = read_image(first, model.prepare_size)
     predicted = frame[[c.upper() for c in CLASSES]].to_numpy()[0].argmax()
-    heat = class_maps(model.model, model.model_input, torch.from_numpy(image[None]), np.array([predicted]))[0]
+    member = model.members[0]
+    heat = class_maps(member.model, member.model_input, torch.from_numpy(image[None]), np.array([predicted]))[0]
     assert heat.max() == pytest.approx(1, abs=1e-3) and heat.min() < 0.5  # a map, not empty or flat
     written = np.asarray(Image.open(maps / f"{frame['image'][0]}.png"))
     assert written.shape == (model.prepare_size, model.prepare_size, 3)

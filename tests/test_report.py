@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from hmnist.config import CLASSES
-from hmnist.metrics import recipe_intervals
-from hmnist.commands.report import gallery_rows
+from hmnist.bootstrap import recipe_intervals
+from hmnist.gallery import gallery_rows
 from hmnist.config import CLASS_COLUMNS
 from hmnist.runs import CHECKPOINT, Run, read_run
 
@@ -245,7 +245,7 @@ def test_in_a_browser_offline(page, tmp_path):
 
 
 def test_headline_metrics_are_the_interval_ones():
-    from hmnist.metrics import INTERVAL_METRICS
-    from hmnist.commands.report import HEADLINE
+    from hmnist.bootstrap import INTERVAL_METRICS
+    from hmnist.report_page import HEADLINE
 
     assert HEADLINE == (*INTERVAL_METRICS, "ece")

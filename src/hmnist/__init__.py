@@ -15,7 +15,7 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from hmnist.commands.predict import Predictor
+    from hmnist.predictor import Predictor
 
 __all__ = ["load"]
 
@@ -24,6 +24,6 @@ def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: st
     """A trained checkpoint (from the train stage), or its ONNX export (.onnx, from the export
     stage), ready to `.predict(paths)`; a list of checkpoints (cross-validation folds) predicts
     their averaged probabilities."""
-    from hmnist.commands.predict import Predictor
+    from hmnist.predictor import Predictor
 
     return Predictor(checkpoint, device)

@@ -9,10 +9,10 @@ generically: whatever keys evaluate writes appear). None is written by hand here
 """
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hmnist.config import CLASSES
+from hmnist.metrics_markdown import interval, markdown_table, metric_rows, metric_tables, number
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -23,72 +23,59 @@ CLASS_NAMES = {
     "bkl": "benign keratosis-like lesion", "df": "dermatofibroma", "vasc": "vascular lesion",
 }
 SPLITS = ("train", "val", "test")
+# the card's sections that no run changes
+INTENDED_USE = [
+    "",
+    "## Intended use",
+    "",
+    "- **For**: research and teaching: comparing image classifiers on HAM10000 with honest (lesion-grouped) "
+    "splits and intervals, and studying what such a model learns.",
+    "- **Not for**: diagnosis, screening, triage or any decision about a patient. This model is **not a "
+    "medical device**: it has not been clinically validated, cleared or approved, and no clinician has "
+    "assessed its outputs.",
+    "- **Inputs it was made for**: dermatoscopic images of single pigmented lesions, like HAM10000's. "
+    "Photographs taken without a dermatoscope (phone or clinical photos), other body sites' imaging, or "
+    "lesions of other kinds are outside what it has seen.",
+    "",
+]
+CITATION = [
+    "## Citation",
+    "",
+    "Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of multi-source "
+    "dermatoscopic images of common pigmented skin lesions. *Scientific Data* 5, 180161 (2018). "
+    "https://doi.org/10.1038/sdata.2018.161",
+    "",
+]
 
 
-def number(value: Any) -> str:
-    """A metric as the card prints it: integers whole, other numbers to 4 decimals, None n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4f}"
-
-
-def interval(low: Any, high: Any) -> str:
-    return "" if low is None or high is None else f"[{number(low)}, {number(high)}]"
-
-
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (int, float))
-
-
-def _is_table(value: Any) -> bool:
-    """A dict of flat dicts that share their keys (per_class; operating points by name): a table."""
-    if not isinstance(value, dict) or not value or not all(isinstance(v, dict) and v for v in value.values()):
-        return False
-    keys = [tuple(v) for v in value.values()]
-    return len(set(keys)) == 1 and all(_scalar(x) for v in value.values() for x in v.values())
-
-
-def metric_rows(metrics: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any, Any, Any]]:
-    """(dotted name, value, low, high) of every numeric metric outside tables, each with its
-    `<name>_low`/`<name>_high` interval when the file has one (those keys are not rows)."""
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            if not _is_table(value):
-                yield from metric_rows(value, f"{name}.")
-            continue
-        if not _scalar(value) or isinstance(value, bool):
-            continue
-        if key.endswith(("_low", "_high")) and key.rsplit("_", 1)[0] in metrics:
-            continue
-        yield name, value, metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
-
-
-def metric_tables(metrics: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, dict[str, dict[str, Any]]]]:
-    """(dotted name, the dict) of every table-shaped dict in the metrics."""
-    for key, value in metrics.items():
-        if _is_table(value):
-            yield f"{prefix}{key}", value
-        elif isinstance(value, dict):
-            yield from metric_tables(value, f"{prefix}{key}.")
-
-
-def _table(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
-    fields = [f for f in next(iter(rows.values())) if not (f.endswith(("_low", "_high")) and f.rsplit("_", 1)[0] in
-                                                           next(iter(rows.values())))]
-    out = [f"`{name}`:", "", "| | " + " | ".join(fields) + " |", "|---|" + "--:|" * len(fields)]
-    for row, values in rows.items():
-        cells = []
-        for f in fields:
-            shown = number(values[f])
-            span = interval(values.get(f"{f}_low"), values.get(f"{f}_high"))
-            cells.append(f"{shown} {span}".rstrip())
-        out.append(f"| {row} | " + " | ".join(cells) + " |")
-    return out + [""]
+def model_card(checkpoints: Sequence[dict[str, Any]], metrics: dict[str, Any], split: pd.DataFrame,
+               export: dict[str, Any]) -> str:
+    """The card's Markdown. `checkpoints`: the exported checkpoints (fold 0 first), without
+    their weights' values needed; `export`: what the export stage made and measured (file,
+    opset, tolerance, check_images, worst: the self-check's largest difference)."""
+    first = checkpoints[0]
+    test = split_summary(split)["test"]
+    tta = str(first.get("tta") or "none")
+    out = [
+        f"# Model card: {first['model_name']} ({first['arch']}), HAM10000 skin-lesion classifier",
+        "",
+        "Written by hmnist's `export` stage from this run's own files: "
+        "`models/model.pt` (the checkpoint), `data/split.csv` and `metrics/metrics.json`. `dvc repro` rewrites it; "
+        "do not edit it by hand. Sections after the Hugging Face model card and Mitchell et al., "
+        "*Model Cards for Model Reporting* (2019).",
+        "",
+    ]
+    out += _details_section(checkpoints, export, tta)
+    out += INTENDED_USE
+    out += _data_section(split)
+    out += _params_section(first)
+    out += _metrics_section(metrics, test["images"], tta)
+    out += _calibration_section(checkpoints)
+    out += _operating_points_section(first.get("operating_points") or [])
+    out += _limitations_section(test)
+    out += _usage_section(first, export, int(first["input_size"]))
+    out += CITATION
+    return "\n".join(out)
 
 
 def split_summary(split: pd.DataFrame, unit: str = "images") -> dict[str, dict[str, int]]:
@@ -128,36 +115,17 @@ def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, sort_keys=False, default_flow_style=False).rstrip()
 
 
-def model_card(checkpoints: Sequence[dict[str, Any]], metrics: dict[str, Any], split: pd.DataFrame,
-               export: dict[str, Any]) -> str:
-    """The card's Markdown. `checkpoints`: the exported checkpoints (fold 0 first), without
-    their weights' values needed; `export`: what the export stage made and measured (file,
-    opset, tolerance, check_images, worst: the self-check's largest difference)."""
+def _details_section(checkpoints: Sequence[dict[str, Any]], export: dict[str, Any], tta: str) -> list[str]:
+    """What the model is: task, architecture, weights, training, TTA, calibration, files, software."""
     first = checkpoints[0]
     config = first["model_config"]
-    model_params = first.get("params") or {}
-    train_params = model_params.get("train", {})
     parameters = sum(int(t.numel()) for t in first["state_dict"].values()
                      if hasattr(t, "numel") and t.is_floating_point())
-    sizes = split_summary(split)
-    test = sizes["test"]
-    tta = str(first.get("tta") or "none")
     calibration = first.get("calibration")
-    points = first.get("operating_points") or []
     size = int(first["input_size"])
     k = len(checkpoints)
     ensemble = f"the {k} cross-validation fold models' ensemble (mean of their probabilities)" if k > 1 else "the model"
-    crossing = int((split.groupby("lesion_id")["split"].nunique() > 1).sum())
-    rarest = sorted(CLASSES, key=lambda c: test[c])[:2]
-
     out = [
-        f"# Model card: {first['model_name']} ({first['arch']}), HAM10000 skin-lesion classifier",
-        "",
-        "Written by hmnist's `export` stage from this run's own files: "
-        "`models/model.pt` (the checkpoint), `data/split.csv` and `metrics/metrics.json`. `dvc repro` rewrites it; "
-        "do not edit it by hand. Sections after the Hugging Face model card and Mitchell et al., "
-        "*Model Cards for Model Reporting* (2019).",
-        "",
         "## Model details",
         "",
         "- **Task**: classify a dermatoscopic image of a pigmented skin lesion into one of 7 classes (ISIC 2018 "
@@ -180,19 +148,14 @@ def model_card(checkpoints: Sequence[dict[str, Any]], metrics: dict[str, Any], s
     if k > 1:
         out.append(f"- **Cross-validation**: {k} folds; the test metrics below and `{export['file']}` are the "
                    f"{k} models' ensemble.")
-    out += [
-        "",
-        "## Intended use",
-        "",
-        "- **For**: research and teaching: comparing image classifiers on HAM10000 with honest (lesion-grouped) "
-        "splits and intervals, and studying what such a model learns.",
-        "- **Not for**: diagnosis, screening, triage or any decision about a patient. This model is **not a "
-        "medical device**: it has not been clinically validated, cleared or approved, and no clinician has "
-        "assessed its outputs.",
-        "- **Inputs it was made for**: dermatoscopic images of single pigmented lesions, like HAM10000's. "
-        "Photographs taken without a dermatoscope (phone or clinical photos), other body sites' imaging, or "
-        "lesions of other kinds are outside what it has seen.",
-        "",
+    return out
+
+
+def _data_section(split: pd.DataFrame) -> list[str]:
+    """The data, and each split's images and lesions per class."""
+    sizes = split_summary(split)
+    crossing = int((split.groupby("lesion_id")["split"].nunique() > 1).sum())
+    out = [
         "## Training and evaluation data",
         "",
         "HAM10000 (Tschandl, Rosendahl and Kittler, *Scientific Data* 2018): dermatoscopic images collected at "
@@ -214,7 +177,14 @@ def model_card(checkpoints: Sequence[dict[str, Any]], metrics: dict[str, Any], s
             "| split (lesions) | " + " | ".join(CLASSES) + " |", "|---|" + "--:|" * len(CLASSES)]
     for name in SPLITS:
         out.append(f"| {name} lesions | " + " | ".join(str(lesions[name][c]) for c in CLASSES) + " |")
-    out += [
+    return out
+
+
+def _params_section(first: dict[str, Any]) -> list[str]:
+    """The params stored in the checkpoint, and how its training ran."""
+    model_params = first.get("params") or {}
+    train_params = model_params.get("train", {})
+    out = [
         "",
         "## Training procedure: the params that made it",
         "",
@@ -228,10 +198,13 @@ def model_card(checkpoints: Sequence[dict[str, Any]], metrics: dict[str, Any], s
     if train_params:
         out += [f"Effective batch {first.get('effective_batch_size', 'n/a')} in {first.get('processes', 1)} "
                 f"process(es); the training loop ran at {number(first.get('train_images_per_second'))} images/s.", ""]
-    out += _metrics_section(metrics, test["images"], tta)
-    out += _calibration_section(checkpoints)
-    out += _operating_points_section(points)
-    out += [
+    return out
+
+
+def _limitations_section(test: dict[str, int]) -> list[str]:
+    """Where the model's figures do not reach, with the test split's smallest classes."""
+    rarest = sorted(CLASSES, key=lambda c: test[c])[:2]
+    return [
         "## Limitations and ethical considerations",
         "",
         "- **Skin type**: HAM10000 comes from populations of predominantly fair skin (Austria, Australia) and "
@@ -250,16 +223,6 @@ def model_card(checkpoints: Sequence[dict[str, Any]], metrics: dict[str, Any], s
         "- **Not a medical device**: see Intended use.",
         "",
     ]
-    out += _usage_section(first, export, size)
-    out += [
-        "## Citation",
-        "",
-        "Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of multi-source "
-        "dermatoscopic images of common pigmented skin lesions. *Scientific Data* 5, 180161 (2018). "
-        "https://doi.org/10.1038/sdata.2018.161",
-        "",
-    ]
-    return "\n".join(out)
 
 
 def _calibration_line(calibration: dict[str, Any]) -> str:
@@ -283,7 +246,7 @@ def _metrics_section(metrics: dict[str, Any], test_images: int, tta: str) -> lis
         out.append(f"| `{name}` | {number(value)} | {interval(low, high)} |")
     out.append("")
     for name, rows in metric_tables(metrics):
-        out += _table(name, rows)
+        out += markdown_table(name, rows)
     return out
 
 

@@ -1,5 +1,5 @@
-"""ONNX export of trained checkpoints: the graph, its hmnist metadata, its self-check against
-PyTorch, and reading an export back for `hmnist predict`.
+"""ONNX export of trained checkpoints: the graph, its hmnist metadata and its self-check against
+PyTorch. Reading an export back, for `hmnist predict`, is onnx_model.py's.
 
 The graph takes what an image library gives, the whole image already resized to the model's
 input side S (squashed, not cropped, as `data.decode_image` does), and returns probabilities:
@@ -27,24 +27,18 @@ import contextlib
 import io
 import json
 import math
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from hmnist.errors import UserError, first_line
+from hmnist.errors import UserError
+from hmnist.onnx_model import CALIBRATED, FORMAT, INPUT, OUTPUT, VERSION, OnnxModel, require_onnx
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT = "hmnist-onnx"
-# the export's own format: what the graph takes and returns, and the metadata keys below.
-# Raise it when either changes; readers refuse other versions with a one-line error.
-VERSION = 1
 # ONNX opset 18: ONNX Runtime 1.14 (2023) and later run it
 OPSET = 18
-INPUT, OUTPUT, CALIBRATED = "pixels", "probabilities", "calibrated_probabilities"
 # The largest difference allowed between ONNX Runtime's probabilities and PyTorch's, both fp32
 # on the CPU (a fused convolution adds in another order). Measured, untrained models at 32 px
 # with the 8 dihedral views and a calibration: 3e-8 (ResNet9, Lite0, DeiT-tiny), 1.2e-7
@@ -55,21 +49,31 @@ TOLERANCE = 1e-4
 CHECK_IMAGES = 512
 
 
-def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401  torch's ONNX exporter
-    except ImportError as e:
-        raise UserError(f"ONNX export and inference need the onnx, onnxruntime and onnxscript packages "
-                        f"({first_line(e)}): pip install -e . (they are hmnist dependencies)") from None
-
-
 # -- the graph -------------------------------------------------------------------------------
 
 def _graph(checkpoints: Sequence[dict[str, Any]], sources: Sequence[str]) -> torch.nn.Module:
     """The checkpoints' models, normalisation, views and calibration as one module: pixels
     (N, S, S, 3) float 0..255 -> (probabilities, calibrated probabilities), each (N, classes)."""
+    import torch
+
+    class Graph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = torch.nn.ModuleList(_member(c, s) for c, s in zip(checkpoints, sources))
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            planes = pixels.permute(0, 3, 1, 2)
+            outputs = [member(planes) for member in self.members]
+            if len(outputs) == 1:
+                return outputs[0]
+            return (torch.stack([p for p, _ in outputs]).mean(0), torch.stack([c for _, c in outputs]).mean(0))
+
+    return Graph().eval()
+
+
+def _member(checkpoint: dict[str, Any], source: str) -> torch.nn.Module:
+    """One checkpoint's model, normalisation, views and calibration: planes (N, 3, S, S) float
+    0..255 -> (probabilities, calibrated probabilities)."""
     import torch
 
     from hmnist.inference import tta_views
@@ -105,19 +109,7 @@ def _graph(checkpoints: Sequence[dict[str, Any]], sources: Sequence[str]) -> tor
             # the clamp: calibration.log_probs counts a probability that underflowed to 0 as 1e-12
             return probs, (probs.clamp_min(1e-12).log() * self.scale + self.bias).softmax(1)
 
-    class Graph(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.members = torch.nn.ModuleList(Member(c, s) for c, s in zip(checkpoints, sources))
-
-        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            planes = pixels.permute(0, 3, 1, 2)
-            outputs = [member(planes) for member in self.members]
-            if len(outputs) == 1:
-                return outputs[0]
-            return (torch.stack([p for p, _ in outputs]).mean(0), torch.stack([c for _, c in outputs]).mean(0))
-
-    return Graph().eval()
+    return Member(checkpoint, source)
 
 
 def calibration_terms(calibration: dict[str, Any] | None, classes: int) -> tuple[float, list[float]]:
@@ -137,7 +129,7 @@ def export(checkpoints: Sequence[dict[str, Any]], sources: Sequence[str], extra:
            ) -> bytes:
     """The ONNX model of `checkpoints` (one, or a cross-validation run's folds, averaged), with
     hmnist's metadata and `extra` metadata, serialised. `sources` name them in errors."""
-    _require_onnx()
+    require_onnx()
     import torch
 
     first = checkpoints[0]
@@ -237,125 +229,3 @@ def check(onnx_model: bytes, checkpoints: Sequence[dict[str, Any]], images: np.n
                         f"from PyTorch's by up to {worst:.2g} on {len(images)} test images (tolerance {TOLERANCE:g}); "
                         f"nothing was written")
     return worst
-
-
-# -- reading an export back ----------------------------------------------------------------------
-
-class OnnxModel:
-    """An hmnist ONNX export, ready for ONNX Runtime (on the CPU): `hmnist predict --checkpoint
-    model.onnx` and `hmnist.load("model.onnx")`. It has a checkpoint's descriptive attributes
-    (classes, model_name, arch, input_size, prepare_size, tta, calibration, operating_points)."""
-
-    model = model_input = None  # no torch model: class-activation maps need the .pt
-
-    def __init__(self, source: str | os.PathLike | bytes, name: str | None = None):
-        _require_onnx()
-        import onnx
-        import onnxruntime as ort
-
-        if isinstance(source, bytes):
-            data, self.path = source, Path(name or "model.onnx")
-        else:
-            self.path = Path(source)
-            if not self.path.is_file():
-                raise UserError(f"checkpoint {self.path} not found: export one with `dvc repro export`")
-            data = self.path.read_bytes()
-        try:
-            proto = onnx.load_model_from_string(data)
-        except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file at all
-            raise UserError(f"{self.path} is not a readable ONNX file (truncated or another format): "
-                            f"{type(e).__name__}") from None
-        props = {p.key: p.value for p in proto.metadata_props}
-        if props.get("hmnist_format") != FORMAT:
-            raise UserError(f"{self.path} is not an hmnist export (no hmnist metadata in it): predict with the ONNX "
-                            f"file the export stage writes (export/model.onnx), or with a checkpoint (.pt)")
-        if props.get("hmnist_version") != str(VERSION):
-            raise UserError(f"{self.path} is hmnist export version {props.get('hmnist_version')}, this hmnist reads "
-                            f"version {VERSION}: export its checkpoint again (`dvc repro export`)")
-        from hmnist.models import CHECKPOINT_VERSION
-
-        if props.get("checkpoint_version") != str(CHECKPOINT_VERSION):
-            raise UserError(f"{self.path} was exported from a version {props.get('checkpoint_version')} checkpoint, "
-                            f"this hmnist reads version {CHECKPOINT_VERSION}: train and export it again")
-        try:
-            self.classes = [str(c) for c in json.loads(props["classes"])]
-            self.model_name, self.arch = props["model_name"], props["arch"]
-            self.input_size, self.prepare_size = int(props["input_size"]), int(props["prepare_size"])
-            self.tta = props["tta"]
-            self.calibration = json.loads(props["calibration"])
-            self.operating_points = json.loads(props["operating_points"])
-            self.members = int(props["members"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{self.path} is a damaged hmnist export: {type(e).__name__} {first_line(e, '')}".rstrip()
-                            ) from None
-        self.metadata = props
-        self.state = {"operating_points": self.operating_points}  # what predict's ensemble_operating_points reads
-        inputs, outputs = _shapes(proto.graph.input), _shapes(proto.graph.output)
-        expected_in = [None, self.input_size, self.input_size, 3]
-        expected_out = {OUTPUT: [None, len(self.classes)], CALIBRATED: [None, len(self.classes)]}
-        if list(inputs) != [INPUT] or inputs[INPUT] != expected_in or outputs != expected_out:
-            shown = lambda shapes: ", ".join(f"{k} {v}" for k, v in shapes.items()).replace("None", "N")  # noqa: E731
-            raise UserError(f"{self.path}'s graph ({shown(inputs)} -> {shown(outputs)}) is not the one its hmnist "
-                            f"metadata describes ({INPUT} [N, {self.input_size}, {self.input_size}, 3] -> "
-                            f"[N, {len(self.classes)}]): another architecture's graph; export the checkpoint again")
-        options = ort.SessionOptions()
-        # as many threads as torch uses (OMP_NUM_THREADS): ONNX Runtime alone would take every core
-        import torch
-
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.log_severity_level = 3  # errors only: its warnings about unused initialisers say nothing to a user
-        try:
-            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ONNX Runtime's own errors: a graph it cannot run
-            raise UserError(f"ONNX Runtime cannot run {self.path}: {first_line(e)}") from None
-
-    def __repr__(self) -> str:
-        return f"OnnxModel({self.model_name}: {self.arch} at {self.input_size}px, from {self.path})"
-
-    encoding = None  # an export is of an image-only model (metadata models are refused at export)
-
-    def encoded_metadata(self, rows: Any, count: int) -> None:
-        """As a checkpoint's member: an export reads no metadata."""
-        return None
-
-    def outputs(self, images: torch.Tensor, batch_size: Any, device: Any = None, tta: str | None = None,
-                metadata: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """`hmnist predict`'s interface (as its checkpoints'): (probabilities, calibrated
-        probabilities) of a uint8 NHWC cache-size batch, with the views built into the graph
-        (predict refuses another `tta` before it gets here). `batch_size`: a number or
-        engine.BatchSize; ONNX Runtime runs on the CPU, whatever `device`."""
-        return self.run_cache(images.numpy(), int(getattr(batch_size, "size", batch_size)))
-
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities, calibrated probabilities) of float32 NHWC `pixels` at the input size."""
-        probs, calibrated = self.session.run([OUTPUT, CALIBRATED], {INPUT: np.ascontiguousarray(pixels, np.float32)})
-        return probs, calibrated
-
-    def run_cache(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Both outputs for uint8 NHWC `images` at the cache size, resized as evaluation resizes
-        them (augment.ModelInput.planes: torch's antialiased bilinear, on the CPU)."""
-        import torch
-
-        from hmnist.augment import ModelInput
-
-        probs, calibrated = [], []
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            planes = ModelInput.planes(batch, self.input_size)
-            p, c = self.run(planes.permute(0, 2, 3, 1).numpy())
-            probs.append(p)
-            calibrated.append(c)
-        if not probs:
-            empty = np.zeros((0, len(self.classes)), np.float32)
-            return empty, empty
-        return np.concatenate(probs), np.concatenate(calibrated)
-
-
-def _shapes(values) -> dict[str, list[int | None]]:
-    """name -> dims (None for a symbolic one) of a graph's inputs or outputs."""
-    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in values}
-
-
-def is_onnx(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() == ".onnx"

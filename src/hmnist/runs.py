@@ -10,10 +10,11 @@ experiment pulled with `dvc exp pull` is read without checking it out.
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hmnist import data
 from hmnist.config import CLASS_COLUMNS, CLASSES
@@ -28,6 +29,10 @@ OOF = data.OOF_PREDICTIONS.as_posix()  # out-of-fold: every non-test image, pred
 METRICS, SPLIT, CHECKPOINT = data.METRICS.as_posix(), data.SPLIT.as_posix(), data.CHECKPOINT.as_posix()
 IMAGES, INDEX = (data.PREPARED / data.IMAGES_FILE).as_posix(), (data.PREPARED / data.INDEX_FILE).as_posix()
 WORKSPACE = "workspace"
+# the evaluate and train stages' pictures, in the order a reader looks at them (hmnist report)
+PLOTS = {"confusion matrix": "plots/confusion_matrix.png", "ROC": "plots/roc.png",
+         "reliability": "plots/reliability.png", "training curves": "plots/training_curves.png"}
+MODEL_CARD = "export/MODEL_CARD.md"
 
 
 def number(value: float | None, sign: str = "") -> str:
@@ -265,3 +270,52 @@ def parse_recipe(text: str) -> list[str]:
     if len(set(specs)) != len(specs):
         raise UserError(f"'{text}' names a run twice: a recipe's runs must be different runs (seeds)")
     return specs
+
+
+class RunData:
+    """What `hmnist report` shows of one run, read once: its predictions, metrics, params (flat),
+    checkpoint, plots and model card."""
+
+    def __init__(self, spec: str, repo: str):
+        self.spec, self.run = spec, Run(spec, repo)
+        self.predictions = run_predictions(self.run)  # the fix when absent is in its error
+        self.metrics = json.loads(self._read("metrics/metrics.json"))
+        self.params = _flat_params(self._read("params.yaml"))
+        self.checkpoint = self.run.local_file(CHECKPOINT)  # a missing checkpoint fails here, before any work
+        self.plots = {}
+        for title, path in PLOTS.items():
+            try:
+                self.plots[title] = self.run.read(path, mode="rb")
+            except FileNotFoundError:
+                self.plots[title] = None
+        try:
+            self.card = self.run.read(MODEL_CARD)
+        except FileNotFoundError:  # a run from before the export stage, or whose export failed
+            self.card = None
+
+    def _read(self, path: str) -> str:
+        try:
+            return self.run.read(path)
+        except FileNotFoundError:
+            raise UserError(f"{self.spec} has no {path}: {pull_hint(self.spec)}") from None
+
+
+def _flat_params(text: str) -> dict[str, Any]:
+    """params.yaml as dotted keys, with only the selected model's block (the others cannot matter)."""
+    import yaml
+
+    raw = yaml.safe_load(text) or {}
+    models = raw.pop("models", {}) or {}
+    selected = raw.get("model")
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(inner, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = value
+
+    walk(raw, "")
+    walk(models.get(selected, {}), "models.<model>")
+    return flat

@@ -49,19 +49,19 @@ if TYPE_CHECKING:
 
 def compare(a: pd.DataFrame | list[pd.DataFrame], b: pd.DataFrame | list[pd.DataFrame], resamples: int = 2000,
             seed: int = 0) -> dict:
-    """metrics.compare_runs for one run (a frame) or several (a list) per side."""
-    from hmnist.metrics import compare_runs  # with sklearn: seconds that `hmnist --help` should not wait
+    """bootstrap.compare_runs for one run (a frame) or several (a list) per side."""
+    from hmnist.bootstrap import compare_runs  # with pandas: seconds that `hmnist --help` should not wait
 
     return compare_runs(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b], resamples, seed)
 
 
 def operating_points(specs_a: list[str], specs_b: list[str], predictions: pd.DataFrame, repo: str,
                      resamples: int, seed: int) -> dict:
-    """metrics.compare_operating_points for the points (same name, classes and target) every
+    """bootstrap.compare_operating_points for the points (same name, classes and target) every
     run has; {} when a run has none (a CSV file, or a run from before operating points)."""
+    from hmnist.bootstrap import compare_operating_points
     from hmnist.calibration import flag_scores
     from hmnist.config import CLASS_INDEX
-    from hmnist.metrics import compare_operating_points
 
     sides = [[read_operating_points(spec, repo) for spec in specs] for specs in (specs_a, specs_b)]
     runs = [r for side in sides for r in side]

@@ -32,8 +32,9 @@ from hmnist.data import (CALIBRATED_PREDICTIONS, METRICS, OOF_PREDICTIONS, PLOTS
 from hmnist.engine import resolve_device, to_device
 from hmnist.inference import inference_model, predict_probs
 from hmnist.errors import UserError, cli
-from hmnist.metrics import (CALIBRATION_METRICS, INTERVAL_METRICS, bootstrap_intervals, calibration_metrics,
-                            calibration_table, compute_metrics, operating_point_metrics, roc_table, submission_frame)
+from hmnist.bootstrap import (CALIBRATION_METRICS, INTERVAL_METRICS, bootstrap_intervals, calibration_metrics,
+                              operating_point_metrics)
+from hmnist.metrics import calibration_table, compute_metrics, roc_table, submission_frame
 from hmnist.models import load_checkpoint
 
 
@@ -50,6 +51,13 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, poi
     """PNGs a user can open without a browser (DVC's HTML loads its chart library from the web)."""
     import matplotlib
     matplotlib.use("Agg")
+
+    plot_confusion(labels, probs, metrics, title, out / "confusion_matrix.png")
+    plot_roc(labels, probs, calibrated, points, metrics, title, out / "roc.png")
+    plot_reliability(labels, probs, calibrated, metrics, title, out / "reliability.png")
+
+
+def plot_confusion(labels: np.ndarray, probs: np.ndarray, metrics: dict[str, Any], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = CLASS_COLUMNS
@@ -67,8 +75,13 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, poi
     ax.set_ylabel("actual")
     ax.set_title(f"{title}: accuracy {metrics['accuracy']:.3f}, balanced {metrics['balanced_accuracy']:.3f}")
     fig.tight_layout()
-    save_figure(fig, out / "confusion_matrix.png")
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, points: list[dict[str, Any]],
+             metrics: dict[str, Any], title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 6))
     for i, name in enumerate(CLASSES):
@@ -96,10 +109,15 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, poi
     ax.set_title(f"{title}: one-vs-rest ROC, macro AUC {metrics['macro_auc'] or math.nan:.3f}")
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    save_figure(fig, out / "roc.png")
+    save_figure(fig, path)
     plt.close(fig)
 
-    # each bin's share right at its images' mean confidence: on the diagonal when calibrated
+
+def plot_reliability(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, metrics: dict[str, Any],
+                     title: str, path: Path) -> None:
+    """Each bin's share right at its images' mean confidence: on the diagonal when calibrated."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 6))
     for name, p, ece in (("uncalibrated", probs, metrics["ece_uncalibrated"]), ("calibrated", calibrated, metrics["ece"])):
         table = calibration_table(labels, p).dropna()
@@ -112,7 +130,7 @@ def plot_pngs(labels: np.ndarray, probs: np.ndarray, calibrated: np.ndarray, poi
     ax.set_title(f"{title}: reliability")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    save_figure(fig, out / "reliability.png")
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -223,48 +241,63 @@ def main() -> None:
                                                          ev.bootstrap, ev.bootstrap_seed)}
     if len(checkpoints) > 1:
         metrics["ensemble_of"] = len(checkpoints)
-        folds, oof_probs = load_folds(), np.zeros((len(index), len(CLASSES)))
-        oof_calibrated = np.zeros_like(oof_probs)
-        held_out = np.zeros(len(index), dtype=bool)
-        for fold, checkpoint in enumerate(checkpoints):
-            val = split_rows(index, fold_split(split, folds, fold), "val")
-            (oof_probs[val], oof_calibrated[val]), held_out[val] = predict(checkpoint, val), True
+        oof_rows, oof_probs, oof_calibrated = out_of_fold(checkpoints, predict, index, split)
         fold_metrics = [report_metrics(labels[rows], p, c, lesions[rows], 0, 0) for p, c in fold_outputs]
-        oof_rows = np.flatnonzero(held_out)
-        metrics["cv"] = cv_summary(fold_metrics, report_metrics(labels[held_out], oof_probs[held_out],
-                                                                oof_calibrated[held_out], None, 0, 0))
+        metrics["cv"] = cv_summary(fold_metrics, report_metrics(labels[oof_rows], oof_probs[oof_rows],
+                                                                oof_calibrated[oof_rows], None, 0, 0))
     else:
         oof_rows, oof_probs = rows[:0], np.zeros((len(index), len(CLASSES)))
-    write_whole(METRICS, lambda partial: partial.write_text(json.dumps(metrics, indent=2) + "\n"))
-    write_csv(pd.DataFrame({"actual": [CLASSES[i] for i in labels[rows]],
-                            "predicted": [CLASSES[i] for i in probs.argmax(1)]}), PLOTS / "confusion.csv")
-    write_csv(roc_table(labels[rows], probs), PLOTS / "roc.csv")
-    # DVC's plot reads confidence and accuracy: the calibrated probabilities'; the model's own beside
-    table = calibration_table(labels[rows], calibrated)
-    own = calibration_table(labels[rows], probs)[["images", "confidence", "accuracy"]].add_suffix("_uncalibrated")
-    write_csv(pd.concat([table, own], axis=1).round(6), PLOTS / "calibration.csv")
     title = first["model_name"] + (f", {len(checkpoints)}-fold ensemble" if len(checkpoints) > 1 else "")
-    plot_pngs(labels[rows], probs, calibrated, points, metrics, title, PLOTS)
+    write_outputs(metrics, index, rows, probs, calibrated, points, title, oof_rows, oof_probs[oof_rows])
+    print_summary(metrics, title, len(rows))
+
+
+def out_of_fold(checkpoints: list[dict[str, Any]], predict, index: pd.DataFrame, split: pd.DataFrame
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, probabilities, calibrated probabilities) of every non-test image, each predicted by
+    the fold model that held it out (`predict(checkpoint, rows)`); the arrays span the index."""
+    folds, oof_probs = load_folds(), np.zeros((len(index), len(CLASSES)))
+    oof_calibrated = np.zeros_like(oof_probs)
+    held_out = np.zeros(len(index), dtype=bool)
+    for fold, checkpoint in enumerate(checkpoints):
+        val = split_rows(index, fold_split(split, folds, fold), "val")
+        (oof_probs[val], oof_calibrated[val]), held_out[val] = predict(checkpoint, val), True
+    return np.flatnonzero(held_out), oof_probs, oof_calibrated
+
+
+def write_outputs(metrics: dict[str, Any], index: pd.DataFrame, rows: np.ndarray, probs: np.ndarray,
+                  calibrated: np.ndarray, points: list[dict[str, Any]], title: str, oof_rows: np.ndarray,
+                  oof_probs: np.ndarray) -> None:
+    """metrics.json, the plots' CSVs and PNGs, and the test (and out-of-fold) predictions."""
+    labels = index["label"].to_numpy().astype(np.int64)[rows]
+    write_whole(METRICS, lambda partial: partial.write_text(json.dumps(metrics, indent=2) + "\n"))
+    write_csv(pd.DataFrame({"actual": [CLASSES[i] for i in labels],
+                            "predicted": [CLASSES[i] for i in probs.argmax(1)]}), PLOTS / "confusion.csv")
+    write_csv(roc_table(labels, probs), PLOTS / "roc.csv")
+    # DVC's plot reads confidence and accuracy: the calibrated probabilities'; the model's own beside
+    table = calibration_table(labels, calibrated)
+    own = calibration_table(labels, probs)[["images", "confidence", "accuracy"]].add_suffix("_uncalibrated")
+    write_csv(pd.concat([table, own], axis=1).round(6), PLOTS / "calibration.csv")
+    plot_pngs(labels, probs, calibrated, points, metrics, title, PLOTS)
     # the submission's columns, then what `hmnist compare` needs to compare two runs on their own
     for path, where, p in ((PREDICTIONS, rows, probs), (CALIBRATED_PREDICTIONS, rows, calibrated),
-                           (OOF_PREDICTIONS, oof_rows, oof_probs[oof_rows])):
+                           (OOF_PREDICTIONS, oof_rows, oof_probs)):
         truth = index.iloc[where].set_index("image_id")
         frame = submission_frame(truth.index.tolist(), p)
         frame["lesion_id"] = truth.loc[frame["image"], "lesion_id"].to_numpy()
         frame["dx"] = truth.loc[frame["image"], "dx"].to_numpy()
         write_csv(frame, path)
 
-    def interval(name: str) -> str:
-        low, high = metrics.get(f"{name}_low"), metrics.get(f"{name}_high")
-        return f" [{low:.4f}, {high:.4f}]" if low is not None else ""
 
+def print_summary(metrics: dict[str, Any], title: str, test_images: int) -> None:
+    """The headline metrics with their intervals, and each operating point's test rates."""
     if "metadata" in metrics:
         title += f" with metadata ({metrics['metadata']}; removed: {metrics['metadata_removed']})"
-    print(f"{title} on {len(rows)} test images: balanced accuracy {metrics['balanced_accuracy']:.4f}"
-          f"{interval('balanced_accuracy')}, accuracy {metrics['accuracy']:.4f}{interval('accuracy')}, "
-          f"macro AUC {metrics['macro_auc'] or math.nan:.4f}, melanoma sensitivity "
-          f"{metrics['melanoma_sensitivity']:.4f}{interval('melanoma_sensitivity')}, ECE {metrics['ece_uncalibrated']:.4f} -> "
-          f"{metrics['ece']:.4f} calibrated ({metrics['calibration']})")
+    print(f"{title} on {test_images} test images: balanced accuracy {metrics['balanced_accuracy']:.4f}"
+          f"{interval_of(metrics, 'balanced_accuracy')}, accuracy {metrics['accuracy']:.4f}"
+          f"{interval_of(metrics, 'accuracy')}, macro AUC {metrics['macro_auc'] or math.nan:.4f}, melanoma sensitivity "
+          f"{metrics['melanoma_sensitivity']:.4f}{interval_of(metrics, 'melanoma_sensitivity')}, "
+          f"ECE {metrics['ece_uncalibrated']:.4f} -> {metrics['ece']:.4f} calibrated ({metrics['calibration']})")
     for name, op in metrics["operating_points"].items():
         print(f"  {name} (threshold {op['threshold']:.4f} from validation): test sensitivity "
               f"{op['sensitivity'] if op['sensitivity'] is not None else math.nan:.4f}{interval_of(op, 'sensitivity')}, "
