@@ -292,7 +292,9 @@ def test_runs_take_different_gpus(tmp_path, monkeypatch, capsys):
 
 CLAIM = """
 import sys
+from hmnist.errors import configure_logging
 from hmnist.gpus import claim_gpus
+configure_logging()  # what the train stage's entry point does: its notices on stderr
 (name, _), = claim_gpus(1, ["0", "1"], poll=0.1)
 print(name, flush=True)
 sys.stdin.read()  # hold the GPU until the test closes stdin
