@@ -194,9 +194,9 @@ def test_a_killed_rank_ends_the_stage_with_one_line(stage_dir):
     wait_for(lambda: any((stage_dir / "models/.resume").glob("*.pt")), 240, stage)  # training is under way
     victim = workers()[0]
     victim.kill()
-    killed = time.monotonic()
-    _, err = stage.communicate(timeout=60)
-    assert time.monotonic() - killed < 15
+    # seconds when it works; a launcher that missed the death would wait out the 30-minute
+    # collective TIMEOUT. The limit only tells the two apart, so a busy machine cannot trip it.
+    _, err = stage.communicate(timeout=300)
     assert stage.returncode == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: training process rank 1 (pid {victim.pid}) was killed by SIGKILL"], err
