@@ -16,7 +16,7 @@ import torch.nn as nn
 import yaml
 
 from hmnist.errors import LOG_LEVEL, configure_logging
-from hmnist.synthetic import write_dataset
+from synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # dvc and python of the environment running the tests

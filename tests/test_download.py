@@ -27,7 +27,7 @@ from hmnist.config import DataConfig
 from hmnist.data import METADATA
 from hmnist.stages.download import ENDPOINT_VARIABLE, download
 from hmnist.errors import UserError
-from hmnist.synthetic import write_dataset
+from synthetic import write_dataset
 
 from faults import deny
 

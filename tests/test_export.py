@@ -24,7 +24,7 @@ import yaml
 from hmnist.config import CLASSES, ModelConfig
 from hmnist.errors import UserError
 from hmnist.onnx_export import CALIBRATED, INPUT, OUTPUT, TOLERANCE, OnnxModel, check, export, reference_probs
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 from conftest import BIN, REPO, run, tiny_params
 

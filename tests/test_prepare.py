@@ -21,7 +21,7 @@ from hmnist.errors import UserError
 from hmnist.data import decode_image, load_prepared
 from hmnist.stages.prepare import prepare
 from hmnist.data import METADATA
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 from conftest import tiny_params
 from faults import dying_decoder

@@ -32,7 +32,7 @@ ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage i
 MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
 LIBRARY = {"config", "data", "models", "weights", "engine", "training", "inference", "augment", "metrics",
            "calibration", "distributed", "collectives", "gpus", "selection", "errors", "cam", "runs",
-           "synthetic", "fusion", "onnx_export", "card"}
+           "fusion", "onnx_export", "card"}
 COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, the __init__.py files only docstrings and
