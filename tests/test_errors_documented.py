@@ -13,8 +13,6 @@ ERRORS_PAGE = REPO / "docs" / "errors.md"
 UNTESTED = {
     'cannot make the --explain folder {dir}: {reason}':
         'a folder that cannot be made (a file in the way, no permission): no test yet',
-    '{run} has no models/model.pt (its stage never finished there): {the fix}':
-        'a run whose evaluate finished but whose checkpoint is not in dvc.lock: no test yet',
     'could not save the download in {folder}: {reason}':
         'no test yet',
     'cannot write data/prepared/{file}: {reason}':
