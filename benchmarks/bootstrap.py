@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the project here (default: a temporary folder)")
     args = parser.parse_args()
 
-    from hmnist.synthetic import write_dataset
+    sys.path.insert(0, str(REPO / "tests"))  # synthetic.py: test data, kept beside the tests, not in the package
+    from synthetic import write_dataset
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="hmnist-bootstrap-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ddp_cpu.py [--devices 2] [--lesions 400] [--epochs 2] [--repeat 2]
 
-Writes a synthetic archive in the Kaggle layout (hmnist.synthetic), prepares it at 64 px and
+Writes a synthetic archive in the Kaggle layout (tests/synthetic.py), prepares it at 64 px and
 splits it, then runs `python -m hmnist.stages.train` (ResNet9 at 64 px, batch 64, no validation cost
 worth naming) with `train.devices: 1` and with `--devices`, both on the CPU, taking turns, and
 prints each run's wall clock (interpreter and worker start-up included) and the stage's own
@@ -26,7 +26,8 @@ from hmnist.config import parse_params
 from hmnist.data import load_prepared
 from hmnist.stages.prepare import prepare
 from hmnist.stages.split import split_lesions, write_split
-from hmnist.synthetic import write_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic.py: test data, kept beside the tests, not in the package
+from synthetic import write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/prepare.py [--images 2000] [--repeat 3]
 
-Writes a synthetic zip in the Kaggle layout with 600x450 JPEGs (hmnist.synthetic), then times,
+Writes a synthetic zip in the Kaggle layout with 600x450 JPEGs (tests/synthetic.py), then times,
 on this machine in this run:
   naive: one process, each image read from the zip, fully decoded by PIL and resized to
          224x224 (`Image.open(f).convert('RGB').resize((224, 224))`), stacked and saved;
@@ -32,7 +32,8 @@ import yaml
 from PIL import Image
 
 from hmnist.data import METADATA
-from hmnist.synthetic import image_folder, write_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic.py: test data, kept beside the tests, not in the package
+from synthetic import image_folder, write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 224

@@ -11,7 +11,7 @@ The three ways, in one run on one machine, each timed over the same number of tr
 and, on request, `input`: the stage's gather + augment + normalise alone, what it adds to a step
 at most. The device ways take turns over several rounds (speed drifts within a process); the
 notebook is timed after them. Peak GPU memory is reported for each. Data is synthetic
-(hmnist.synthetic, or random pixels): speed does not depend on what the pixels show.
+(tests/synthetic.py, or random pixels): speed does not depend on what the pixels show.
 
 A script beside the other benchmarks, not a package command: it drives a stage's internals,
 which no package module may import (tests/test_structure.py), and it serves who measures the
@@ -41,8 +41,9 @@ from hmnist.models import create_model, data_config
 # the stage's own set-up and step, private to it: this benchmark is their one outside caller, and
 # tests/test_bench.py holds its steps to the stage's weights
 from hmnist.stages.train import Run, _setup, _train_step
-from hmnist.synthetic import write_dataset
 from timing import Step, machine, measure, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic.py: test data, kept beside the tests, not in the package
+from synthetic import write_dataset  # noqa: E402
 
 # this script lives in the repository, never in an installed package: its params.yaml is beside it
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import yaml
 
-from hmnist.synthetic import write_dataset
+from hmnist.errors import LOG_LEVEL, configure_logging
+from synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # dvc and python of the environment running the tests
@@ -32,6 +33,15 @@ def pytest_configure(config):
         threads = str(max(1, cpu_cores() // workers))
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
         torch.set_num_threads(int(threads))
+
+
+@pytest.fixture(autouse=True)
+def notices_on_stderr(monkeypatch):
+    """The modules log their notices and the entry points (`hmnist.errors.cli`) show them on
+    stderr. Tests call the modules directly and read stderr as a user of the stage would, so
+    they get the same output, at the default level whatever the developer's shell sets."""
+    monkeypatch.delenv(LOG_LEVEL, raising=False)
+    configure_logging()
 
 
 @pytest.fixture(scope="session")

@@ -153,6 +153,24 @@ def test_without_lesion_ids_images_are_the_unit(runs, capsys):
         check_same_test_set(again, read_run(str(runs["strong"])), "A", "B")
 
 
+def test_log_level_quiets_the_notices_not_the_results(runs, capsys, monkeypatch):
+    """By default `hmnist compare` says on stderr that it resamples images; HMNIST_LOG_LEVEL=WARNING
+    keeps that notice back and the table unchanged; main() run again in one process says it once."""
+    for name in ("weak", "strong"):
+        pd.read_csv(runs[name]).drop(columns="lesion_id").to_csv(runs[name], index=False)
+    notice = "has no lesion_id column: resampling images, not lesions"
+    shown = hmnist(runs["weak"], runs["strong"], cwd=runs["weak"].parent)  # a fresh process: the real default
+    assert shown.returncode == 0 and shown.stderr.count(notice) == 2, shown.stderr
+    monkeypatch.setenv("HMNIST_LOG_LEVEL", "warning")
+    assert in_process(capsys, runs["weak"], runs["strong"]) == (0, shown.stdout, "")
+    monkeypatch.setenv("HMNIST_LOG_LEVEL", "INFO")
+    code, out, err = in_process(capsys, runs["weak"], runs["strong"])
+    assert (code, out, err.count(notice)) == (0, shown.stdout, 2), err  # one handler, however many runs
+    monkeypatch.setenv("HMNIST_LOG_LEVEL", "quiet")
+    assert in_process(capsys, runs["weak"], runs["strong"]) == (
+        2, "", "error: HMNIST_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'quiet'\n")
+
+
 def test_several_runs_per_side(runs, tmp_path, capsys):
     weak2 = tmp_path / "weak2.csv"
     predictions(np.asarray([CLASSES.index(c) for c in pd.read_csv(runs["weak"])["dx"]]), np.arange(500) // 2,

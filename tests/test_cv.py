@@ -11,7 +11,7 @@ import yaml
 import hmnist
 from conftest import run
 from hmnist.commands.cli import main as cli_main
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 pytestmark = pytest.mark.slow
 COLUMNS = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]

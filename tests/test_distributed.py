@@ -194,9 +194,9 @@ def test_a_killed_rank_ends_the_stage_with_one_line(stage_dir):
     wait_for(lambda: any((stage_dir / "models/.resume").glob("*.pt")), 240, stage)  # training is under way
     victim = workers()[0]
     victim.kill()
-    killed = time.monotonic()
-    _, err = stage.communicate(timeout=60)
-    assert time.monotonic() - killed < 15
+    # seconds when it works; a launcher that missed the death would wait out the 30-minute
+    # collective TIMEOUT. The limit only tells the two apart, so a busy machine cannot trip it.
+    _, err = stage.communicate(timeout=300)
     assert stage.returncode == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: training process rank 1 (pid {victim.pid}) was killed by SIGKILL"], err
@@ -292,7 +292,9 @@ def test_runs_take_different_gpus(tmp_path, monkeypatch, capsys):
 
 CLAIM = """
 import sys
+from hmnist.errors import configure_logging
 from hmnist.gpus import claim_gpus
+configure_logging()  # what the train stage's entry point does: its notices on stderr
 (name, _), = claim_gpus(1, ["0", "1"], poll=0.1)
 print(name, flush=True)
 sys.stdin.read()  # hold the GPU until the test closes stdin

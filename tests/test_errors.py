@@ -14,7 +14,7 @@ from hmnist.config import CLASSES, ModelConfig, SplitConfig, load_params
 from hmnist.data import fold_split, load_folds, load_split
 from hmnist.errors import UserError
 from hmnist.models import create_model, load_checkpoint, save_checkpoint
-from hmnist.runs import check_same_test_set, checked_predictions, parse_recipe, _read_csv
+from hmnist.runs import CHECKPOINT, Run, check_same_test_set, checked_predictions, parse_recipe, pull_hint, _read_csv
 
 
 def tiny_checkpoint(path: Path, prepare_size: int = 32, classes=CLASSES) -> Path:
@@ -120,6 +120,13 @@ def test_compare_inputs_that_cannot_be_paired():
         check_same_test_set(a, b, "A", "B")
     with pytest.raises(UserError, match=r"^runs/bad.csv is not a readable CSV file: "):
         _read_csv('image,MEL\n"x,1\n', "runs/bad.csv")  # an unclosed quote
+
+
+def test_a_run_whose_outputs_are_not_here_says_how_to_get_them(tmp_path):
+    with pytest.raises(UserError, match=re.escape("workspace has no models/model.pt: `dvc pull` it, or run `dvc repro`")):
+        Run("workspace", str(tmp_path)).local_file(CHECKPOINT)
+    assert pull_hint("seed1") == ("`dvc exp pull origin seed1` (an experiment) or `dvc pull` at it (a commit), "
+                                  "or re-run its failed stage")
 
 
 def test_recipe_lists_with_an_empty_or_repeated_run():

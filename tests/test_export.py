@@ -25,7 +25,7 @@ from hmnist.config import CLASSES, ModelConfig
 from hmnist.errors import UserError
 from hmnist.onnx_export import TOLERANCE, check, export, reference_probs
 from hmnist.onnx_model import CALIBRATED, INPUT, OUTPUT, OnnxModel
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 from conftest import BIN, REPO, run, tiny_params
 

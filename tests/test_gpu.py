@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.gpu,
 
 def synthetic_cache(n: int, size: int, learnable: bool = False):
     """n images, 1 per lesion, every 5th in val. `learnable`: each class drawn as its own
-    coloured lesion (hmnist.synthetic), else random pixels."""
-    from hmnist.synthetic import lesion_image
+    coloured lesion (tests/synthetic.py), else random pixels."""
+    from synthetic import lesion_image
 
     rng = np.random.default_rng(0)
     labels = np.arange(n) % len(CLASSES)

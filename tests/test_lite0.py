@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import hmnist
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 from conftest import balanced_accuracy_of, run, tiny_params
 

@@ -32,7 +32,7 @@ from hmnist.fusion import Encoding, FusedModel, drop_fields, encoded_for, fuse
 from hmnist.models import create_model, load_checkpoint, model_from_checkpoint, save_checkpoint
 from hmnist.stages.evaluate import evaluate
 from hmnist.stages.train import train
-from hmnist.synthetic import metadata_frame
+from synthetic import metadata_frame
 
 from conftest import TINY_ARCH, prepared_split, run, tiny_params
 from test_predict import ARCHIVE, assert_user_error, extract, main_error, split_ids, staged_project

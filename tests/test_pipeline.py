@@ -11,7 +11,7 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score
 
 from conftest import BIN, REPO, run
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 pytestmark = pytest.mark.slow
 STAGES = ("check_params", "download", "prepare", "split", "train", "evaluate", "export")

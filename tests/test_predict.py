@@ -23,7 +23,7 @@ import hmnist
 from hmnist.commands import predict as predict_module
 from hmnist.config import CLASSES
 from hmnist.errors import UserError
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 from conftest import BIN, LimitedGpu, run, tiny_params
 

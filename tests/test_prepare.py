@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from hmnist.errors import UserError
 from hmnist.data import decode_image, load_prepared
 from hmnist.stages.prepare import prepare
 from hmnist.data import METADATA
-from hmnist.synthetic import image_folder
+from synthetic import image_folder
 
 from conftest import tiny_params
 from faults import dying_decoder
@@ -290,36 +288,28 @@ def test_cli_reports_bad_input_in_one_line(case, stage_dir, synthetic_zip):
 
 
 # ---- faults: a worker killed or raising, a full disk. None may hang -------------------------
-# The hang these guard against showed up only with another process on the cores, so each runs
-# several times beside a CPU hog, each attempt under a deadline.
+# multiprocessing.Pool once hung here, and only beside a CPU hog: it waited for a dead worker's
+# task, a race that load widened. The decoder pool is concurrent.futures' now, which fails every
+# task the moment a worker dies, whatever the timing, so no hog is needed to catch a hang (one
+# slowed the timed tests of the other pytest workers). Each test still repeats with the fault at
+# other images, and pytest-timeout ends a hang: a guard far above a healthy run, even on a busy
+# machine, not a speed limit.
 
 ATTEMPTS = 5
 CLI_ATTEMPTS = 3  # each starts Python and numpy: seconds on a loaded machine
 DEADLINE = 60  # seconds for one attempt; a healthy one takes about one on a loaded machine
 
 
-@pytest.fixture
-def cpu_hog():
-    """One busy process per core for the test's duration."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
-    yield
-    for hog in hogs:
-        hog.kill()
-        hog.wait()
-
-
 @pytest.mark.timeout(ATTEMPTS * DEADLINE)
 @pytest.mark.parametrize("action, error, message", [("kill", UserError, "a decoding process died before prepare finished"),
                                                     ("raise", RuntimeError, "a bug in the decoder")])
-def test_a_worker_killed_or_raising_mid_run_ends_the_stage_at_once(action, error, message, cpu_hog, synthetic_zip,
+def test_a_worker_killed_or_raising_mid_run_ends_the_stage_at_once(action, error, message, synthetic_zip,
                                                                    tmp_path, monkeypatch):
     for attempt in range(ATTEMPTS):
         out = tmp_path / str(attempt)
         monkeypatch.setattr(prepare_module, "decode_image", dying_decoder(tmp_path / f"flag{attempt}", 5 + 7 * attempt, action))
-        started = time.monotonic()
         with pytest.raises(error, match=message):  # a bug keeps its own exception, and so its traceback
             prepare(synthetic_zip, out, size=SIZE, workers=2)
-        assert time.monotonic() - started < DEADLINE / 2
         assert (tmp_path / f"flag{attempt}").exists()  # a worker did die or raise
         assert_no_output(out)
 
@@ -337,7 +327,7 @@ hmnist.stages.prepare.main()
 
 @pytest.mark.timeout(CLI_ATTEMPTS * DEADLINE)
 @pytest.mark.parametrize("case", ["killed_worker", "corrupt_jpeg"])
-def test_cli_reports_a_failed_worker_in_one_line(case, cpu_hog, stage_dir, synthetic_zip):
+def test_cli_reports_a_failed_worker_in_one_line(case, stage_dir, synthetic_zip):
     params = yaml.safe_load((stage_dir / "params.yaml").read_text())
     params["prepare"]["workers"] = 2
     (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
@@ -373,7 +363,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.timeout(ATTEMPTS * DEADLINE)
-def test_a_full_disk_is_one_line_before_decoding_and_leaves_nothing(cpu_hog, small_disk, synthetic_zip, stage_dir):
+def test_a_full_disk_is_one_line_before_decoding_and_leaves_nothing(small_disk, synthetic_zip, stage_dir):
     needed = len(metadata(synthetic_zip)) * 64 * 64 * 3 / 1e6  # at size 64, about twice what the disk holds
     for attempt in range(ATTEMPTS):
         with pytest.raises(UserError, match=rf"^no space left on device: the cache needs {needed:.1f} MB in "

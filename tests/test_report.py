@@ -244,8 +244,19 @@ def test_in_a_browser_offline(page, tmp_path):
     assert ink > 0.02 and pixels.std() > 10 and colours > 100, (ink, pixels.std(), colours)
 
 
-def test_headline_metrics_are_the_interval_ones():
+def test_runs_table_shows_each_interval_metric_with_its_interval(two_runs, page):
+    """The runs table's headline columns: every metric evaluate gives an interval for, with that
+    interval (metrics.json's, for a run alone), and ECE, which has none."""
     from hmnist.bootstrap import INTERVAL_METRICS
-    from hmnist.report_page import HEADLINE
+    from hmnist.runs import number
 
-    assert HEADLINE == (*INTERVAL_METRICS, "ece")
+    _, text = page
+    table = re.search(r'<table class="runs">(.*?)</table>', text, flags=re.S).group(1)
+    header = re.findall(r"<th>(.*?)</th>", table)
+    rows = re.findall(r'<tr class="recipe">(.*?)</tr>', table, flags=re.S)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[1])  # seed1, whose metrics.json the workspace holds
+    metrics = json.loads((two_runs / "metrics/metrics.json").read_text())
+    for name in INTERVAL_METRICS:
+        expected = f"{number(metrics[name])} [{number(metrics[name + '_low'])}, {number(metrics[name + '_high'])}]"
+        assert cells[header.index(name)] == expected, name
+    assert cells[header.index("ece")] == number(metrics["ece"])

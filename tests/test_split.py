@@ -9,7 +9,7 @@ import pytest
 from hmnist.config import CLASSES, SplitConfig
 from hmnist.errors import UserError
 from hmnist.stages.split import split_lesions, split_stats, write_split
-from hmnist.synthetic import metadata_frame
+from synthetic import metadata_frame
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ ARGS = {name: stage["cmd"].replace("${item}", "1").split()[3:] for name, stage i
 MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
 LIBRARY = {"config", "data", "models", "weights", "engine", "training", "inference", "augment", "metrics",
            "calibration", "distributed", "collectives", "gpus", "selection", "errors", "cam", "runs",
-           "synthetic", "fusion", "onnx_export", "card", "predictor", "image_files",
+           "fusion", "onnx_export", "card", "predictor", "image_files",
            "params_rules", "report_page", "gallery", "metrics_markdown",
            "bootstrap", "onnx_model", "resume", "train_data"}
 COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.cli"}

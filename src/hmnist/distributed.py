@@ -23,6 +23,8 @@ from hmnist.collectives import Ranks, ranks
 from hmnist.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, first_line
 from hmnist.gpus import claim_gpus, visible_gpus
 
+log = logging.getLogger(__name__)
+
 LAUNCHED = "HMNIST_LAUNCHED"  # the launcher's pid, set by `launch` for its workers: they leave error reports to it
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EXIT_PEER_LOST = 3  # a worker whose collective failed because another worker had already gone
@@ -65,9 +67,9 @@ def launch(module: str, processes: int, device: str, module_args: list[str] | tu
                             "use cuda or auto to spread a run over several GPUs")
         gpus = claim_gpus(processes, visible_gpus())
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(name for name, _ in gpus)
-        print(f"training on GPUs {', '.join(name for name, _ in gpus)} in {processes} processes", file=sys.stderr)
+        log.info(f"training on GPUs {', '.join(name for name, _ in gpus)} in {processes} processes")
     else:
-        print(f"training in {processes} CPU processes (gloo)", file=sys.stderr)
+        log.info(f"training in {processes} CPU processes (gloo)")
     # torchrun would set 1 and say so: split the cores between the workers instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     os.environ[LAUNCHED] = str(os.getpid())

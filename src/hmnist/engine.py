@@ -6,8 +6,8 @@ runs under `autocast`, bf16 on the GPU, fp32 on the CPU. The training step's pie
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 from contextlib import nullcontext
 from typing import Any, ContextManager, Iterator
 
@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from hmnist.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str, setting: str = "train.device") -> torch.device:
@@ -31,7 +33,7 @@ def resolve_device(name: str, setting: str = "train.device") -> torch.device:
             raise UserError(f"{setting} is cuda but no CUDA GPU is visible: set {setting} to auto or cpu")
         return torch.device("cuda")
     if name == "auto":
-        print("notice: no CUDA GPU found, running on the CPU (slow for the transformers)", file=sys.stderr)
+        log.info("notice: no CUDA GPU found, running on the CPU (slow for the transformers)")
     return torch.device("cpu")
 
 

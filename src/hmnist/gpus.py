@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +17,8 @@ import torch
 
 from hmnist.collectives import Ranks
 from hmnist.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def device(setting: str, ranks: Ranks, resolved: torch.device) -> torch.device:
@@ -29,7 +31,7 @@ def device(setting: str, ranks: Ranks, resolved: torch.device) -> torch.device:
     if setting in ("auto", "cuda") and torch.cuda.device_count() > 1:
         (name, _), = claim_gpus(1, visible_gpus())
         index = visible_gpus().index(name)
-        print(f"using GPU {name} (cuda:{index}); other hmnist runs on this machine take other GPUs", file=sys.stderr)
+        log.info(f"using GPU {name} (cuda:{index}); other hmnist runs on this machine take other GPUs")
         return torch.device("cuda", index)
     return resolved
 
@@ -79,7 +81,6 @@ def claim_gpus(count: int, gpus: list[str], poll: float = 5.0) -> list[tuple[str
         for _, file in held:
             file.close()  # too few: hold none while waiting, or two waiting runs could block each other
         if not said:
-            print(f"all GPUs are in use by other hmnist runs (locks in {folder}); waiting for {count} to come free",
-                  file=sys.stderr)
+            log.info(f"all GPUs are in use by other hmnist runs (locks in {folder}); waiting for {count} to come free")
             said = True
         time.sleep(poll)

@@ -4,7 +4,7 @@ memory.
 """
 from __future__ import annotations
 
-import sys
+import logging
 
 import numpy as np
 import torch
@@ -14,6 +14,8 @@ from hmnist.augment import ModelInput, memory_format
 from hmnist.config import CLASSES, TTA
 from hmnist.engine import autocast
 from hmnist.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def inference_model(checkpoint: dict, device: torch.device,
@@ -63,15 +65,13 @@ class BatchSize:
         self.size, self.halved = size, False
 
     def halve(self) -> None:
-        from tqdm import tqdm
-
         if self.size == 1:
             raise UserError("out of GPU memory even for one image at a time: free the GPU (other processes?) "
                             "or run on the CPU (train.device: cpu, or --device cpu)")
         self.size //= 2
         if not self.halved:
-            tqdm.write(f"notice: out of GPU memory in inference; continuing with batches of {self.size} "
-                       f"(halved until they fit; same results)", file=sys.stderr)
+            log.info(f"notice: out of GPU memory in inference; continuing with batches of {self.size} "
+                     f"(halved until they fit; same results)")  # the handler moves a progress bar aside
             self.halved = True
 
 

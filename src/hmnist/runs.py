@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hmnist import data
 from hmnist.config import CLASS_COLUMNS, CLASSES
 from hmnist.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -200,8 +202,8 @@ def checked_predictions(frame: pd.DataFrame, spec: str) -> pd.DataFrame:
     if not frame["image"].is_unique:
         raise UserError(f"{spec}: image {frame['image'][frame['image'].duplicated()].iloc[0]} is listed twice")
     if "lesion_id" not in frame.columns:
-        print(f"notice: {spec} has no lesion_id column: resampling images, not lesions (the intervals come out "
-              "too narrow when a lesion has several images)", file=sys.stderr)
+        log.info(f"notice: {spec} has no lesion_id column: resampling images, not lesions (the intervals come out "
+                 "too narrow when a lesion has several images)")
         frame = frame.assign(lesion_id=frame["image"])
     return frame.sort_values("image", kind="stable").reset_index(drop=True)
 

@@ -1,5 +1,9 @@
 """Synthetic HAM10000 look-alikes in the Kaggle layout, for tests and benchmarks.
 
+Test data, so it lives beside the tests, not in the package a user installs: tests import it
+as `synthetic` (pytest puts tests/ on sys.path, as for conftest), and the benchmarks put tests/
+on sys.path themselves rather than keep a second copy.
+
 The real dataset (CC BY-NC-SA) is never copied into the repo. This writes an archive with
 the same structure: `HAM10000_metadata.csv`, images split over `HAM10000_images_part_1/`
 and `_part_2/` at the real id boundary, the lower-case duplicate folders, `hmnist_*.csv`
@@ -7,7 +11,7 @@ files, several near-identical images per lesion, and all seven classes. Each cla
 its lesion with its own colour and shape, so a model can actually learn the task and a
 test can tell a working pipeline from a broken one.
 
-    python -m hmnist.synthetic OUT.zip --lesions 500 --size 600x450
+    python tests/synthetic.py OUT.zip --lesions 500 --size 600x450
 """
 from __future__ import annotations
 
