@@ -8,8 +8,8 @@ operating points. Several checkpoints make an ensemble: their probabilities are 
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -22,6 +22,8 @@ from PIL import Image
 from hmnist.config import CLASS_COLUMNS, CLASSES, TTA
 from hmnist.errors import UserError
 from hmnist.image_files import DECODE_THREADS, check_unique_names, decoded_batches, find_images
+
+log = logging.getLogger(__name__)
 
 # torch, timm and pandas are imported where they are used: together they take seconds to
 # import, and `import hmnist` should not wait for them.
@@ -252,8 +254,8 @@ class Predictor:
         if metadata is None:
             if users:
                 fields = ", ".join(users[0].encoding.fields)
-                print(f"notice: {users[0].path} reads patient metadata ({fields}) and none was given "
-                      f"(--metadata FILE.csv): predicting with every field missing", file=sys.stderr)
+                log.info(f"notice: {users[0].path} reads patient metadata ({fields}) and none was given "
+                         f"(--metadata FILE.csv): predicting with every field missing")
             return None
         if not users:
             raise UserError(f"--metadata was given but {self.checkpoint_path} was trained without metadata "
@@ -264,7 +266,7 @@ class Predictor:
         notices += [f"notice: {table.path} has no {f} column: read as missing for every image"
                     for f in fields if f not in table.rows.columns]
         for notice in notices:
-            print(notice, file=sys.stderr)
+            log.info(notice)
         return table
 
     def _explain(self, images: torch.Tensor, predicted: np.ndarray, names: list[str], folder: Path,
@@ -286,9 +288,8 @@ class Predictor:
 def readable(batch: list[tuple[Path, tuple[np.ndarray | None, str | None]]], skip_bad: bool,
              skipped: list[str]) -> list[tuple[Path, np.ndarray]]:
     """The (path, image) pairs of `batch` that decoded; an unreadable file raises UserError or,
-    with `skip_bad`, is warned about on stderr and added to `skipped`."""
-    from tqdm import tqdm
-
+    with `skip_bad`, is warned about on stderr (the log, which keeps the progress bar whole) and
+    added to `skipped`."""
     good = []
     for path, (image, reason) in batch:
         if reason is None:
@@ -296,7 +297,7 @@ def readable(batch: list[tuple[Path, tuple[np.ndarray | None, str | None]]], ski
             continue
         if not skip_bad:
             raise UserError(f"{path}: {reason} ({SKIP_HINT})")
-        tqdm.write(f"warning: skipping {path}: {reason}", file=sys.stderr)
+        log.warning(f"warning: skipping {path}: {reason}")
         skipped.append(str(path))
     return good
 

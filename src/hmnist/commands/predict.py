@@ -35,6 +35,7 @@ From Python:
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ from hmnist.config import DEVICES, TTA
 from hmnist.errors import at_least, cli, description
 from hmnist.image_files import check_unique_names, find_images
 from hmnist.predictor import Predictor
+
+log = logging.getLogger(__name__)
 
 # pandas (and torch, timm) are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.
@@ -116,9 +119,9 @@ def run(args: argparse.Namespace) -> None:
     report = sys.stderr if args.out == "-" else sys.stdout  # stdout may be the CSV itself
     skipped = result.skipped
     if skipped:
-        print(f"skipped {len(skipped)} file(s) that could not be read as images:", file=sys.stderr)
+        log.warning(f"skipped {len(skipped)} file(s) that could not be read as images:")
         for path in skipped:
-            print(f"  {path}", file=sys.stderr)
+            log.warning(f"  {path}")
     where = "stdout" if args.out == "-" else args.out
     ensemble = f", ensemble of {len(predictor.members)}" if len(predictor.members) > 1 else ""
     tta = args.tta or predictor.members[0].tta

@@ -20,8 +20,8 @@ runs.py's (`RunData`); this module gathers them and computes the intervals and d
 """
 from __future__ import annotations
 
+import logging
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +33,8 @@ from hmnist.errors import MAX_SEED, at_least, cli, description
 from hmnist.gallery import explain_run
 from hmnist.report_page import HEADLINE, render
 from hmnist.runs import RunData, check_same_test_set, parse_recipe
+
+log = logging.getLogger(__name__)
 
 
 def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tuple]:
@@ -72,7 +74,7 @@ def report(recipes: list[list[str]], repo: str = ".", per_kind: int = 3, resampl
         for run in recipe:
             if run.spec not in galleries:
                 if progress:
-                    print(f"maps of {run.spec} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+                    log.info(f"maps of {run.spec} ({time.perf_counter() - started:.0f} s)")
                 galleries[run.spec] = explain_run(run, per_kind, device)
     return render(data, names, comparisons, galleries, rows, per_kind)
 

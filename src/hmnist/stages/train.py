@@ -11,6 +11,7 @@ torchrun (hmnist.distributed, hmnist.collectives); each trains on its share of e
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +38,8 @@ from hmnist.resume import read_state, remove_abandoned_states, resume_key, write
 from hmnist.selection import Selection, epoch_record, plot_history
 from hmnist.train_data import Splits, splits_on_device
 from hmnist.training import Optimisation, SmoothedCrossEntropy, epoch_batches, objective
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_split(model, images, labels, model_input, batch_size, device, metadata=None) -> dict[str, float]:
@@ -115,7 +118,7 @@ def _setup(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Da
     model = model.to(device).to(memory_format=memory_format(device, config.arch))
     norm = data_config(model)
     if ranks.main and config.resize > images.shape[1]:
-        print(upsampling_notice(params.model, config.resize, images.shape[1]), file=sys.stderr)
+        log.info(upsampling_notice(params.model, config.resize, images.shape[1]))
     generator = torch.Generator(device=device).manual_seed(tc.seed + 1)
     augment = Augment(generator, (tc.crop_area_min, 1.0), tc.rotation, tc.color_jitter) if tc.augment else None
     criterion, sample_weights = objective(tc, data.train_labels)
@@ -154,7 +157,7 @@ def _resume(run: Run, resume_path: Path | None, live: Any) -> int:
     set_rng_state(rng[run.ranks.rank] if isinstance(rng, list) else rng, run.generator)
     run.selection.load_state_dict(state)
     if run.ranks.main:
-        print(f"resuming after epoch {state['epochs_done']} of {run.config.epochs} from {resume_path}", file=sys.stderr)
+        log.info(f"resuming after epoch {state['epochs_done']} of {run.config.epochs} from {resume_path}")
     if live is not None:
         for record in run.selection.history.epochs:  # DVC deleted the old plots: write them again
             _log(live, record)
@@ -206,9 +209,9 @@ def _print_epoch(run: Run, record: dict[str, float], vals: dict[str, dict[str, f
     if not run.ranks.main:
         return
     for name, val in vals.items():
-        print(f"epoch {record['epoch']}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
-              f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
-              f"balanced accuracy {val['balanced_accuracy']:.4f}", file=sys.stderr)
+        log.info(f"epoch {record['epoch']}{' EMA' if name == 'ema' else ''}: train loss {record['train/loss']:.4f}, "
+                 f"val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, "
+                 f"balanced accuracy {val['balanced_accuracy']:.4f}")
 
 
 def _save_state(run: Run, resume_path: Path | None, epoch: int) -> None:
@@ -315,8 +318,8 @@ def _main(params: Params, fold: int, ranks: collectives.Ranks) -> None:
         return
     removed = remove_abandoned_states(out.resume, keep=resume_path)
     if removed:
-        print(f"removed {len(removed)} resume state(s) of earlier unfinished runs with other params: "
-              f"{', '.join(p.name for p in removed)}", file=sys.stderr)
+        log.info(f"removed {len(removed)} resume state(s) of earlier unfinished runs with other params: "
+                 f"{', '.join(p.name for p in removed)}")
     with Live(str(out.live), dvcyaml=False, report=None, save_dvc_exp=False) as live:
         model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=out.curves)
         live.summary["best/epoch"] = meta["best_epoch"]
