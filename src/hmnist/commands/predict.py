@@ -46,7 +46,7 @@ from hmnist.errors import at_least, cli, description
 from hmnist.image_files import check_unique_names, find_images
 from hmnist.predictor import Predictor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hmnist.commands.predict")  # not __name__, which is "__main__" under -m
 
 # pandas (and torch, timm) are imported where they are used: together they take seconds to
 # import, and `hmnist --help` or a typo in a PATH should not wait for them.

@@ -34,7 +34,7 @@ from hmnist.gallery import explain_run
 from hmnist.report_page import HEADLINE, render
 from hmnist.runs import RunData, check_same_test_set, parse_recipe
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hmnist.commands.report")  # not __name__, which is "__main__" under -m
 
 
 def recipe_row(runs: list[RunData], resamples: int, seed: int) -> dict[str, tuple]:

@@ -39,7 +39,7 @@ from hmnist.selection import Selection, epoch_record, plot_history
 from hmnist.train_data import Splits, splits_on_device
 from hmnist.training import Optimisation, SmoothedCrossEntropy, epoch_batches, objective
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hmnist.stages.train")  # not __name__: run with -m, that is "__main__", outside hmnist's logger
 
 
 def evaluate_split(model, images, labels, model_input, batch_size, device, metadata=None) -> dict[str, float]:
