@@ -81,6 +81,8 @@ def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overr
     params["models"][model].update(resize=size, epochs=epochs, pretrained=BUDGETS[model]["pretrained"])
     for key, value in overrides.items():
         set_key(params, key.replace("<model>", model), value)
+    if "cv" in params:  # cv.folds K set: the K-1 other folds' train_fold stages, as dvc.yaml needs them listed
+        params["cv"]["other_folds"] = list(range(1, params["cv"]["folds"]))
     return params
 
 
@@ -91,11 +93,11 @@ def set_key(params: dict, dotted: str, value: Any) -> None:
     params[last] = value
 
 
-def run_stage(stage: str, project: Path, src: Path, log: Path) -> float:
+def run_stage(stage: str, project: Path, src: Path, log: Path, *args: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     with open(log, "a") as out:
-        result = subprocess.run([sys.executable, "-m", f"hmnist.stages.{stage}"], cwd=project, env=env,
+        result = subprocess.run([sys.executable, "-m", f"hmnist.stages.{stage}", *args], cwd=project, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise SystemExit(f"{stage} failed in {project}: see {log}")
@@ -104,7 +106,8 @@ def run_stage(stage: str, project: Path, src: Path, log: Path) -> float:
 
 def data_stages(workdir: Path, params: dict, src: Path) -> Path:
     """download, prepare and split once; returns the data/ folder every run links to."""
-    key = f"data-{params['prepare']['size']}-{params['split']['seed']}"
+    folds = params.get("cv", {}).get("folds", 1)  # the split stage writes data/folds.csv for K folds
+    key = f"data-{params['prepare']['size']}-{params['split']['seed']}" + (f"-cv{folds}" if folds > 1 else "")
     project = workdir / key
     if (project / "data/split.csv").exists():
         if not (project / "data/folds.csv").exists():  # made before the split stage wrote folds (train reads them)
@@ -132,6 +135,8 @@ def stage_run(workdir: Path, name: str, seed: int, params: dict, data: Path, src
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = project / "log.txt"
     train_seconds = run_stage("train", project, src, log)
+    for fold in params.get("cv", {}).get("other_folds", []):  # cv.folds K: evaluate then scores the K models' ensemble
+        train_seconds += run_stage("train", project, src, log, "--fold", str(fold))
     run_stage("evaluate", project, src, log)
     return collect(project, data, params, train_seconds)
 
@@ -190,7 +195,11 @@ def collect(project: Path, data: Path, params: dict, train_seconds: float | None
     live = json.loads((project / "dvclive/metrics.json").read_text())
     meta = torch.load(project / "models/model.pt", map_location="cpu", weights_only=True)  # the checkpoint's metadata
     epochs = params["models"][params["model"]]["epochs"]
-    speed = _split_count(data, "train") * epochs / train_seconds if train_seconds else None
+    folds = params.get("cv", {}).get("folds", 1)
+    images = _split_count(data, "train")
+    if folds > 1:  # every non-test image trains K-1 of the K fold models
+        images = (images + _split_count(data, "val")) * (folds - 1)
+    speed = images * epochs / train_seconds if train_seconds else None
     curve = project / "dvclive/plots/metrics/val/balanced_accuracy.tsv"
     val_curve = [float(line.split("\t")[1]) for line in curve.read_text().splitlines()[1:]]
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
@@ -206,6 +215,8 @@ def collect(project: Path, data: Path, params: dict, train_seconds: float | None
                                                               "specificity_high")}
                                  for name, op in (metrics.get("operating_points") or {}).items()},
             "val_balanced_accuracy": live["best/val_balanced_accuracy"],
+            # cv.folds K: each fold model's own test figures (mean, sd) and the out-of-fold ones
+            "ensemble_of": metrics.get("ensemble_of", 1), "cv": metrics.get("cv"),
             # the raw weights' validation balanced accuracy, epoch by epoch
             "val_curve": val_curve,
             "best_epoch": live["best/epoch"], "kept_weights": meta.get("kept_weights", "raw"),
