@@ -90,6 +90,50 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) 
     return result
 
 
+def run_here(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """run(cmd, cwd) for an `hmnist ...` command line, in this process: the console script's
+    main() (its error handling included) in `cwd`, its stdout, stderr and exit code. A process of
+    its own spends seconds importing torch again; the tests keep a console-script run of their
+    own where the process boundary is the point."""
+    import contextlib
+    import io
+
+    from hmnist.commands.cli import main
+
+    assert Path(cmd[0]).name == "hmnist", cmd
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(arg) for arg in cmd[1:]])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    result = subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{cmd} failed ({code}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_stages(root: Path, stages: tuple[str, ...] | list[str]) -> str:
+    """Each stage's main() in this process, in `root`, as `python -m hmnist.stages.NAME` runs it
+    there (its @cli wrapper included); what they printed on stdout. For the module fixtures that
+    stage a trained project: a subprocess per stage spends about 5 s of CPU importing torch, timm
+    and scikit-learn again, more than a tiny stage itself. The stages as processes, through DVC,
+    are test_pipeline's."""
+    import contextlib
+    import importlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(root), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for stage in stages:
+            try:
+                importlib.import_module(f"hmnist.stages.{stage}").main()
+            except SystemExit as e:  # a UserError, as the stage's process would exit with
+                raise AssertionError(f"stage {stage} exited {e.code}:\n{out.getvalue()}\n{err.getvalue()}") from None
+    return out.getvalue()
+
+
 @pytest.fixture
 def project(tmp_path, synthetic_zip) -> Path:
     """A git + DVC project with this repo's pipeline and tiny params, reading the synthetic zip."""

@@ -34,7 +34,7 @@ from hmnist.stages.evaluate import evaluate
 from hmnist.stages.train import train
 from synthetic import metadata_frame
 
-from conftest import TINY_ARCH, prepared_split, run, tiny_params
+from conftest import TINY_ARCH, prepared_split, run, run_stages, tiny_params
 from test_predict import ARCHIVE, assert_user_error, extract, main_error, split_ids, staged_project
 
 CPU = torch.device("cpu")
@@ -299,10 +299,10 @@ def test_the_removed_metadata_evaluation_is_a_stage_param(trained, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["remove_metadata"] = ["sex", "age"]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run([sys.executable, "-m", "hmnist.stages.evaluate"], project)
+    stdout = run_stages(project, ("evaluate",))  # the stage's main() reading params.yaml, in this process
     metrics = json.loads((project / "metrics/metrics.json").read_text())
     assert metrics["metadata_removed"] == "age,sex"
-    assert "removed: age,sex" in result.stdout
+    assert "removed: age,sex" in stdout
     before = pd.read_csv(trained / "predictions/test.csv").iloc[:, 1:8].to_numpy()
     assert np.abs(pd.read_csv(project / "predictions/test.csv").iloc[:, 1:8].to_numpy() - before).max() > 1e-6
 

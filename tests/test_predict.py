@@ -25,7 +25,7 @@ from hmnist.config import CLASSES
 from hmnist.errors import UserError
 from synthetic import image_folder
 
-from conftest import BIN, LimitedGpu, run, tiny_params
+from conftest import BIN, LimitedGpu, run, run_stages, tiny_params
 
 HEADER = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
 ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
@@ -43,12 +43,12 @@ def trained(synthetic_zip, tmp_path_factory) -> Path:
 
 def staged_project(root: Path, params: dict, synthetic_zip: Path) -> Path:
     """`root` as a project with `params` and the synthetic archive, after prepare, split, train
-    and evaluate, each run as `python -m hmnist.stages.NAME` (no dvc needed)."""
+    and evaluate, each stage's main() run as `python -m hmnist.stages.NAME` runs it, in this
+    process (no dvc needed; conftest.run_stages)."""
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ARCHIVE).parent.mkdir(parents=True)
     shutil.copy(synthetic_zip, root / ARCHIVE)
-    for stage in ("prepare", "split", "train", "evaluate"):
-        run([sys.executable, "-m", f"hmnist.stages.{stage}"], root)
+    run_stages(root, ("prepare", "split", "train", "evaluate"))
     return root
 
 
@@ -137,7 +137,7 @@ def test_folder_to_submission_csv_with_console_script(trained, images, tmp_path)
     assert not list(out.parent.glob("*.partial"))
 
 
-def test_matches_evaluate_stage(trained, model, tmp_path):
+def test_matches_evaluate_stage(trained, model, tmp_path, capsys):
     """The test split's images, predicted from JPEG files, get the evaluate stage's probabilities."""
     ids = split_ids(trained, "test")
     extract(trained, ids, tmp_path / "test_images")
@@ -155,12 +155,15 @@ def test_matches_evaluate_stage(trained, model, tmp_path):
     assert calibrated["image"].tolist() == ids and (calibrated["dx"] == expected["dx"]).all()
     np.testing.assert_allclose(result.calibrated.iloc[:, 1:].to_numpy(), calibrated.iloc[:, 1:8].to_numpy(), atol=1e-5)
 
-    # `python -m hmnist.commands.predict`, writing to stdout, says the same
-    result = run([sys.executable, "-m", "hmnist.commands.predict", "--checkpoint", str(trained / "models/model.pt"),
-                  "--device", "cpu", "--out", "-", str(tmp_path / "test_images")], tmp_path)
-    from_stdout = pd.read_csv(io.StringIO(result.stdout))
+    # `python -m hmnist.commands.predict`, writing to stdout, says the same (its main() here: the
+    # console script's process is test_folder_to_submission_csv_with_console_script's)
+    capsys.readouterr()
+    predict_module.main(["--checkpoint", str(trained / "models/model.pt"), "--device", "cpu", "--out", "-",
+                         str(tmp_path / "test_images")])
+    result = capsys.readouterr()
+    from_stdout = pd.read_csv(io.StringIO(result.out))
     np.testing.assert_allclose(from_stdout.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:8].to_numpy(), atol=1e-5)
-    assert "wrote stdout" in result.stderr
+    assert "wrote stdout" in result.err
 
 
 def test_tta_gives_other_valid_probabilities(trained, model, images):
@@ -426,7 +429,7 @@ def test_moving_the_model_fails_as_itself(trained, monkeypatch):
     assert not isinstance(error.value, UserError)
 
 
-def test_decisions_csv_applies_the_checkpoints_thresholds(trained, images, tmp_path):
+def test_decisions_csv_applies_the_checkpoints_thresholds(trained, images, tmp_path, capsys):
     """Beside the submission: the calibrated probabilities (the checkpoint's calibration of the
     submission's), and the decisions: the argmax class, and yes where the calibrated probability
     of an operating point's classes reaches the checkpoint's threshold."""
@@ -438,9 +441,10 @@ def test_decisions_csv_applies_the_checkpoints_thresholds(trained, images, tmp_p
     points = checkpoint["operating_points"]
     assert [p["name"] for p in points] == ["mel@sens0.80", "malignant@sens0.90"]
     out = tmp_path / "out" / "new.csv"
-    result = run([str(BIN / "hmnist"), "predict", "--checkpoint", str(trained / "models/model.pt"), str(images),
-                  "--out", str(out)], tmp_path)
-    assert "new_calibrated.csv" in result.stdout and "new_decisions.csv" in result.stdout
+    capsys.readouterr()
+    predict_module.main(["--checkpoint", str(trained / "models/model.pt"), str(images), "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert "new_calibrated.csv" in stdout and "new_decisions.csv" in stdout
     submission = pd.read_csv(out)
     assert_submission(submission, submission["image"].tolist())
     calibrated = pd.read_csv(out.with_name("new_calibrated.csv"))
