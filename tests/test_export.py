@@ -27,7 +27,7 @@ from hmnist.onnx_export import TOLERANCE, check, export, reference_probs
 from hmnist.onnx_model import CALIBRATED, INPUT, OUTPUT, OnnxModel
 from synthetic import image_folder
 
-from conftest import BIN, REPO, run, tiny_params
+from conftest import BIN, REPO, run, run_here, run_stages, tiny_params
 
 ARCHIVE = Path("data/raw/skin-cancer-mnist-ham10000.zip")
 COLUMNS = [c.upper() for c in CLASSES]
@@ -35,17 +35,16 @@ COLUMNS = [c.upper() for c in CLASSES]
 
 @pytest.fixture(scope="module")
 def trained(synthetic_zip, tmp_path_factory) -> Path:
-    """A project dir after every stage through export (no dvc needed), the model with hflip TTA
-    and the default calibration and operating points."""
+    """A project dir after every stage through export (no dvc needed; the stages in this
+    process), the model with hflip TTA and the default calibration and operating points."""
     root = tmp_path_factory.mktemp("export_project")
     params = tiny_params(synthetic_zip)
     params["models"]["resnet9"]["tta"] = "hflip"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ARCHIVE).parent.mkdir(parents=True)
     shutil.copy(synthetic_zip, root / ARCHIVE)
-    for stage in ("prepare", "split", "train", "evaluate", "export"):
-        result = run([sys.executable, "-m", f"hmnist.stages.{stage}"], root)
-    assert "exported resnet9" in result.stdout and "export/MODEL_CARD.md" in result.stdout
+    stdout = run_stages(root, ("prepare", "split", "train", "evaluate", "export"))
+    assert "exported resnet9" in stdout and "export/MODEL_CARD.md" in stdout
     return root
 
 
@@ -187,8 +186,9 @@ def test_predict_with_the_onnx_file_writes_the_same_csvs(trained, tmp_path):
     outputs = {}
     for name, checkpoint in (("pt", "models/model.pt"), ("onnx", "export/model.onnx")):
         out = tmp_path / name / "predictions.csv"
-        result = run([str(BIN / "hmnist"), "predict", "--checkpoint", str(trained / checkpoint), str(tmp_path / "images"),
-                      "--out", str(out), "--device", "cpu", "--batch-size", "7"], tmp_path)
+        # in this process (conftest.run_here): the console script's own run is test_predict's
+        result = run_here([BIN / "hmnist", "predict", "--checkpoint", trained / checkpoint, tmp_path / "images",
+                           "--out", out, "--device", "cpu", "--batch-size", "7"], tmp_path)
         assert f"classified {len(ids)} image(s) with TTA (hflip)" in result.stdout
         outputs[name] = [pd.read_csv(out.with_name(f), keep_default_na=False)
                          for f in ("predictions.csv", "predictions_calibrated.csv", "predictions_decisions.csv")]
@@ -201,7 +201,9 @@ def test_predict_with_the_onnx_file_writes_the_same_csvs(trained, tmp_path):
 
 def test_onnx_errors_are_one_line(trained, tmp_path):
     """Not ONNX, ONNX of another kind, an older export format or checkpoint version, a graph
-    unlike its metadata, a TTA or --explain it cannot do: each a one-line error."""
+    unlike its metadata, a TTA or --explain it cannot do: each a one-line error. The first
+    through the console script (exit 2, no traceback, from a process of its own), the others
+    through the same main() in this process."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -210,8 +212,8 @@ def test_onnx_errors_are_one_line(trained, tmp_path):
     source = onnx.load(trained / "export/model.onnx")
 
     def predict(path: Path, *extra: str) -> subprocess.CompletedProcess:
-        return run([str(BIN / "hmnist"), "predict", "--checkpoint", str(path), str(images), "--out",
-                    str(tmp_path / "out.csv"), *extra], tmp_path, check=False)
+        return run_here([BIN / "hmnist", "predict", "--checkpoint", path, images, "--out", tmp_path / "out.csv",
+                         *extra], tmp_path, check=False)
 
     def edited(name: str, **props: str) -> Path:
         model = onnx.ModelProto()
@@ -224,7 +226,8 @@ def test_onnx_errors_are_one_line(trained, tmp_path):
         return path
 
     (tmp_path / "garbage.onnx").write_bytes(b"\x00not a protobuf at all" * 10)
-    user_error(predict(tmp_path / "garbage.onnx"), "is not a readable ONNX file")
+    user_error(run([str(BIN / "hmnist"), "predict", "--checkpoint", str(tmp_path / "garbage.onnx"), str(images),
+                    "--out", str(tmp_path / "out.csv")], tmp_path, check=False), "is not a readable ONNX file")
     # an ONNX model that is not hmnist's (another tool's classifier): no hmnist metadata
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
@@ -362,13 +365,23 @@ def test_the_stage_needs_the_metrics_of_its_model(tmp_path, monkeypatch):
     assert read_metrics([{"model_name": "lite0"}] * 3) == {"model": "lite0", "ensemble_of": 3}
 
 
-def test_the_onnx_speed_benchmark_runs(tmp_path):
+def test_the_onnx_speed_benchmark_runs(tmp_path, monkeypatch, capsys):
     """benchmarks/onnx_speed.py --quick, at a tiny size, on params.yaml's default model (lite0):
-    both ways timed at each batch size (the figures themselves mean nothing at this size)."""
+    both ways timed at each batch size (the figures themselves mean nothing at this size). Run
+    as `python benchmarks/onnx_speed.py` runs it (runpy, as __main__), in this process: a
+    subprocess would spend seconds importing torch and onnxruntime again."""
+    import runpy
+
     out = tmp_path / "speed.json"
-    result = run([sys.executable, str(REPO / "benchmarks/onnx_speed.py"), "--quick", "--threads", "1",
-                  "--json", str(out)], tmp_path)
-    assert "lite0 (tf_efficientnet_lite0) at 32px" in result.stdout and "TTA hflip" in result.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["onnx_speed.py", "--quick", "--threads", "1", "--json", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(REPO / "benchmarks/onnx_speed.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own; the tests after it keep theirs
+    stdout = capsys.readouterr().out
+    assert "lite0 (tf_efficientnet_lite0) at 32px" in stdout and "TTA hflip" in stdout
     results = json.loads(out.read_text())["results"]
     assert [r["batch"] for r in results] == [1, 4]
     for r in results:
