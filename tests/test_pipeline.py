@@ -10,7 +10,7 @@ import pytest
 import yaml
 from sklearn.metrics import balanced_accuracy_score
 
-from conftest import BIN, REPO, run
+from conftest import BIN, REPO, run, run_here
 from synthetic import image_folder
 
 pytestmark = pytest.mark.slow
@@ -134,12 +134,15 @@ def bad_values_keep_the_outputs(project) -> None:
 
 
 def hmnist_compare(cwd, *args, check=True):
-    return run([str(BIN / "hmnist"), "compare", *args], cwd, check=check)
+    """`hmnist compare ARGS` in `cwd`, in this process (conftest.run_here): each a process of its
+    own spent seconds importing pandas and DVC's API again; compare_experiments's first is one."""
+    return run_here([BIN / "hmnist", "compare", *args], cwd, check=check)
 
 
 def compare_experiments(project, tmp_path) -> dict:
     """hmnist compare on the baseline and the experiment, and its errors."""
-    result = json.loads(hmnist_compare(project, "HEAD", "resnet9-exp", "--json").stdout)
+    # the console script once, as a user runs it after `dvc exp run`
+    result = json.loads(run([str(BIN / "hmnist"), "compare", "HEAD", "resnet9-exp", "--json"], project).stdout)
     assert result["images"] == len(pd.read_csv(project / "predictions/test.csv"))
     assert result["a"] == "HEAD" and result["b"] == "resnet9-exp"
     row = result["metrics"]["balanced_accuracy"]
@@ -191,12 +194,14 @@ def share_experiment(project, tmp_path, compared: dict) -> None:
     with zipfile.ZipFile(project / "data/raw/skin-cancer-mnist-ham10000.zip") as archive:
         for image_id in predictions["image"][:5]:
             (images / f"{image_id}.jpg").write_bytes(archive.read(f"{image_folder(image_id)}/{image_id}.jpg"))
-    run([str(BIN / "hmnist"), "predict", "--checkpoint", "models/model.pt", str(images), "--out", "new.csv",
-         "--device", "cpu"], clone)
+    # predict in this process (conftest.run_here), reading the clone's files: the console
+    # script's own process is test_predict's
+    run_here([BIN / "hmnist", "predict", "--checkpoint", "models/model.pt", images, "--out", "new.csv",
+              "--device", "cpu"], clone)
     columns = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     pd.testing.assert_frame_equal(pd.read_csv(clone / "new.csv")[columns], predictions[columns][:5], atol=1e-5)
     # the experiment's ONNX export came with it and says the same (onnx_export.TOLERANCE)
-    run([str(BIN / "hmnist"), "predict", "--checkpoint", "export/model.onnx", str(images), "--out", "onnx.csv"], clone)
+    run_here([BIN / "hmnist", "predict", "--checkpoint", "export/model.onnx", images, "--out", "onnx.csv"], clone)
     pd.testing.assert_frame_equal(pd.read_csv(clone / "onnx.csv")[columns], predictions[columns][:5], atol=1e-4)
 
     # the model registry (docs/workflow.md): register the baseline's ONNX model with gto, push the
