@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import pytest
 import timm
 import torch
@@ -12,6 +9,7 @@ from hmnist.augment import ModelInput
 from hmnist.data import decode_image
 from hmnist.models import create_model, data_config, load_checkpoint, model_from_checkpoint, save_checkpoint
 from hmnist.weights import PACKAGED_WEIGHTS, map_in_order, weight_source
+from test_hub import warm_python  # noqa: F401 (the fixture: a fresh interpreter per check, forked warm)
 
 ARCHS = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224", "resnet9": "resnet9",
          "lite0": "tf_efficientnet_lite0"}
@@ -124,13 +122,12 @@ def test_resnet9_has_no_imagenet_weights():
     ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
     ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hugging Face hub (127.0.0.1:9"),
 ])
-def test_hub_unreachable_is_one_clear_line(tmp_path, env, message):
+def test_hub_unreachable_is_one_clear_line(tmp_path, env, message, warm_python):
     # a fresh process: huggingface_hub reads its settings at import
     code = ("from hmnist.models import create_model; from hmnist.config import ModelConfig; "
             "from hmnist.errors import cli; "
             "cli(lambda: create_model(ModelConfig(arch='deit_tiny_patch16_224', pretrained=True)))()")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path), **env})
+    result = warm_python.run(code, tmp_path, **env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "pretrained_path" in lines[0], result.stderr

@@ -10,15 +10,29 @@ split: resampling images would treat them as independent and give intervals too 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from hmnist.config import CLASS_COLUMNS, CLASS_INDEX, CLASSES
 
 INTERVAL_METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "melanoma_sensitivity")
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The loaded BLAS libraries, found once: threadpool_limits scans every shared library of the
+    process on each call (7 ms with torch loaded, more than the metrics it guards). numpy's BLAS,
+    the one these products run on, is loaded by the time this first runs."""
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """threadpool_limits(1, user_api="blas"), from the libraries found once."""
+    return _blas().limit(limits=1, user_api="blas")
 
 
 def lesion_weights(lesion_ids: np.ndarray, resamples: int, seed: int) -> np.ndarray:
@@ -39,7 +53,7 @@ def weighted_metrics(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray,
     undefined (a class absent from a resample drops out of the means, as in compute_metrics)."""
     # products of a (resamples x images) matrix with thin (images x 7) ones: BLAS's threads only
     # wait on each other there (25x slower on a busy 2-core machine), so one thread
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         return _weighted_metrics(labels, probs, np.atleast_2d(weights).astype(np.float64), names)
 
 
@@ -207,7 +221,7 @@ def weighted_calibration(labels: np.ndarray, probs: np.ndarray, weights: np.ndar
     which = np.eye(bins)[np.minimum((confidence * bins).astype(int), bins - 1)]  # images x bins
     nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
     brier = ((probs - np.eye(probs.shape[1])[labels]) ** 2).sum(1)
-    with threadpool_limits(1, user_api="blas"):  # see weighted_metrics
+    with one_blas_thread():  # see weighted_metrics
         gap = weights @ (which * confidence[:, None]) - weights @ (which * correct[:, None])
         total = weights.sum(1)
         return {"ece": np.abs(gap).sum(1) / total, "nll": weights @ nll / total, "brier": weights @ brier / total}
@@ -231,7 +245,7 @@ def operating_point_metrics(positives: np.ndarray, flagged: np.ndarray, lesion_i
     positives, flagged = positives.astype(np.float64), flagged.astype(np.float64)
 
     def rates(weights: np.ndarray) -> dict[str, np.ndarray]:
-        with np.errstate(invalid="ignore", divide="ignore"), threadpool_limits(1, user_api="blas"):
+        with np.errstate(invalid="ignore", divide="ignore"), one_blas_thread():
             return {"sensitivity": (weights @ (positives * flagged)) / (weights @ positives),
                     "specificity": (weights @ ((1 - positives) * (1 - flagged))) / (weights @ (1 - positives))}
 
@@ -262,7 +276,7 @@ def compare_operating_points(labels: np.ndarray, lesion_ids: np.ndarray, points:
 
         def rates(flagged: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
             flagged = flagged.astype(np.float64)
-            with np.errstate(invalid="ignore", divide="ignore"), threadpool_limits(1, user_api="blas"):
+            with np.errstate(invalid="ignore", divide="ignore"), one_blas_thread():
                 return {"sensitivity": (w @ (positives * flagged)) / (w @ positives),
                         "specificity": (w @ ((1 - positives) * (1 - flagged))) / (w @ (1 - positives))}
 
