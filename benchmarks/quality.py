@@ -86,6 +86,11 @@ def budget(params: dict, archive: Path, size: int, epochs: int, seed: int, overr
     return params
 
 
+def folds_of(params: dict) -> int:
+    """cv.folds (1 for a source tree from before cross-validation)."""
+    return params.get("cv", {}).get("folds", 1)
+
+
 def set_key(params: dict, dotted: str, value: Any) -> None:
     *parents, last = dotted.split(".")
     for key in parents:
@@ -106,7 +111,7 @@ def run_stage(stage: str, project: Path, src: Path, log: Path, *args: str) -> fl
 
 def data_stages(workdir: Path, params: dict, src: Path) -> Path:
     """download, prepare and split once; returns the data/ folder every run links to."""
-    folds = params.get("cv", {}).get("folds", 1)  # the split stage writes data/folds.csv for K folds
+    folds = folds_of(params)  # the split stage writes data/folds.csv for K folds
     key = f"data-{params['prepare']['size']}-{params['split']['seed']}" + (f"-cv{folds}" if folds > 1 else "")
     project = workdir / key
     if (project / "data/split.csv").exists():
@@ -195,7 +200,7 @@ def collect(project: Path, data: Path, params: dict, train_seconds: float | None
     live = json.loads((project / "dvclive/metrics.json").read_text())
     meta = torch.load(project / "models/model.pt", map_location="cpu", weights_only=True)  # the checkpoint's metadata
     epochs = params["models"][params["model"]]["epochs"]
-    folds = params.get("cv", {}).get("folds", 1)
+    folds = folds_of(params)
     images = _split_count(data, "train")
     if folds > 1:  # every non-test image trains K-1 of the K fold models
         images = (images + _split_count(data, "val")) * (folds - 1)

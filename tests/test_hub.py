@@ -1,17 +1,14 @@
 """Hub reachability: the pretrained-weights check honours the settings huggingface_hub honours.
 
 Each check runs in a fresh process with a controlled environment, because huggingface_hub
-reads HF_ENDPOINT, HF_HUB_OFFLINE and friends at import (forked before that import: WARM). Only loopback addresses are used.
+reads HF_ENDPOINT, HF_HUB_OFFLINE and friends at import (forked before that import:
+conftest.warm_python). Only loopback addresses are used.
 """
 from __future__ import annotations
 
 import http.server
-import json
-import os
-import select
 import socket
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -32,77 +29,6 @@ finally:
     print(f"{{time.monotonic() - start:.1f}}s")
 print("reachable")
 """
-
-
-# Importing timm (torch and torchvision first) is most of a check's time: a process that has
-# imported torch and torchvision, which read none of the hub's settings, forks a child per check.
-# The child takes the check's environment and only then imports huggingface_hub (through timm),
-# as a new interpreter would; its exit code and output are those `python -c CODE` would give.
-WARM = r"""
-import json, os, sys, traceback
-import torch, torchvision  # noqa: F401
-print("ready", flush=True)
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os.environ.clear()
-        os.environ.update(job["env"])
-        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        code = 0
-        try:
-            exec(compile(job["code"], "<string>", "exec"), {"__name__": "__main__"})
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (e.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-"""
-
-
-class WarmPython:
-    """`python -c CODE` in a fresh environment, forked from WARM."""
-
-    def __init__(self):
-        # the package under test, where it is not the one installed (a worktree's src/)
-        self.keep = {k: v for k, v in os.environ.items() if k == "PYTHONPATH"}
-        self.proc = subprocess.Popen([sys.executable, "-c", WARM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={"PATH": "/usr/bin:/bin", **self.keep})
-        self.ready = False
-
-    def run(self, code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
-        if not self.ready:  # its own imports: as slow as the machine is busy, so not under the check's limit
-            self.ready = self.proc.stdout.readline() == "ready\n"
-            assert self.ready, "the warm interpreter did not start"
-        out, err = tmp_path / "check.stdout", tmp_path / "check.stderr"
-        base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path), **self.keep}
-        job = {"code": code, "env": {**base, **env}, "stdout": str(out), "stderr": str(err)}
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        if not select.select([self.proc.stdout], [], [], 300)[0]:  # a hang, not a busy machine
-            self.proc.kill()  # the next check must not read this one's answer
-            raise AssertionError(f"the check did not end in 300 s: {code}")
-        returncode = int(self.proc.stdout.readline())
-        return subprocess.CompletedProcess(code, returncode, out.read_text(), err.read_text())
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-@pytest.fixture(scope="module")
-def warm_python():
-    python = WarmPython()
-    yield python
-    python.close()
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -9,7 +9,6 @@ from hmnist.augment import ModelInput
 from hmnist.data import decode_image
 from hmnist.models import create_model, data_config, load_checkpoint, model_from_checkpoint, save_checkpoint
 from hmnist.weights import PACKAGED_WEIGHTS, map_in_order, weight_source
-from test_hub import warm_python  # noqa: F401 (the fixture: a fresh interpreter per check, forked warm)
 
 ARCHS = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224", "resnet9": "resnet9",
          "lite0": "tf_efficientnet_lite0"}

@@ -21,7 +21,7 @@ from hmnist.gallery import gallery_rows
 from hmnist.config import CLASS_COLUMNS
 from hmnist.runs import CHECKPOINT, Run, read_run
 
-from conftest import BIN, make_project, run
+from conftest import BIN, make_project, run, run_here
 
 PER_KIND = 2
 RESAMPLES = "200"
@@ -105,14 +105,11 @@ def test_self_contained(page):
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
 
 
-def test_verdicts_are_those_of_compare(two_runs, page, capsys):
-    from hmnist.commands.cli import main as cli_main
-
+def test_verdicts_are_those_of_compare(two_runs, page):
     _, text = page
-    capsys.readouterr()
-    # in this process (its numbers are what counts here, not its start-up)
-    cli_main(["compare", "HEAD", "seed1", "--json", "--resamples", RESAMPLES, "--repo", str(two_runs)])
-    expected = json.loads(capsys.readouterr().out)["metrics"]
+    # in this process (conftest.run_here: its numbers are what counts here, not its start-up)
+    result = run_here([BIN / "hmnist", "compare", "HEAD", "seed1", "--json", "--resamples", RESAMPLES], two_runs)
+    expected = json.loads(result.stdout)["metrics"]
     rows = dict(re.findall(r'<tr class="verdict" data-metric="(\w+)">(.*?)</tr>', text, flags=re.S))
     assert set(rows) == set(expected)
     for metric, row in expected.items():
