@@ -37,6 +37,21 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
+# The test files that take longest, longest first (`--durations` on an idle 2-core machine,
+# BENCHMARKS.md "The test suite's time"). Under `--dist loadfile` a file runs whole on one worker
+# and the workers take files in this order: xdist's own order (most tests first, its
+# --loadscope-reorder, which pyproject.toml turns off) left the longest files, which hold one or
+# two end-to-end tests, for last, one worker running them while the other had nothing left. Longest
+# first, the short files fill in around them. A file not listed keeps its place after these.
+LONGEST_FIRST = ("test_distributed.py", "test_pipeline.py", "test_report.py", "test_export.py", "test_train.py",
+                 "test_cv.py", "test_predict.py", "test_download.py", "test_models.py", "test_metadata.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
 @pytest.fixture(autouse=True)
 def notices_on_stderr(monkeypatch):
     """The modules log their notices and the entry points (`hmnist.errors.cli`) show them on
