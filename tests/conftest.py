@@ -75,6 +75,9 @@ def synthetic_zip(tmp_path_factory) -> Path:
 # ResNet9 itself, ask for arch="resnet9".
 TINY_ARCH = "test_resnet"
 
+# dvc.yaml's stages of a one-model run (cv.folds 1), in the order `dvc repro` runs them
+PIPELINE = ("check_params", "download", "prepare", "split", "train", "evaluate", "export")
+
 
 def tiny_params(source: Path | str, arch: str = TINY_ARCH) -> dict:
     """The real params.yaml, shrunk to seconds on a CPU: the selected entry `models.resnet9`

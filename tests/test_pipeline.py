@@ -10,11 +10,10 @@ import pytest
 import yaml
 from sklearn.metrics import balanced_accuracy_score
 
-from conftest import BIN, REPO, run, run_here
+from conftest import BIN, PIPELINE as STAGES, REPO, run, run_here
 from synthetic import image_folder
 
 pytestmark = pytest.mark.slow
-STAGES = ("check_params", "download", "prepare", "split", "train", "evaluate", "export")
 
 
 def ran(output: str) -> list[str]:

@@ -21,7 +21,7 @@ from hmnist.gallery import gallery_rows
 from hmnist.config import CLASS_COLUMNS
 from hmnist.runs import CHECKPOINT, Run, read_run
 
-from conftest import BIN, make_project, run, run_here, run_stages
+from conftest import BIN, PIPELINE, make_project, run, run_here, run_stages
 
 PER_KIND = 2
 RESAMPLES = "200"
@@ -38,7 +38,7 @@ def two_runs(tmp_path_factory, synthetic_zip) -> Path:
     # the first run's stages in this process, then `dvc commit` records them as `dvc repro` would
     # (dvc.lock, the cache): its stage processes would import torch and timm again for seconds of
     # work each. The pipeline through DVC is test_pipeline's; the experiment below runs through it.
-    run_stages(root, ("check_params", "download", "prepare", "split", "train", "evaluate", "export"))
+    run_stages(root, PIPELINE)
     run(["dvc", "commit", "-f", "-q"], root)
     assert "up to date" in run(["dvc", "status"], root).stdout.lower()
     run(["git", "add", "-A"], root)
