@@ -35,15 +35,21 @@ def two_runs(tmp_path_factory, synthetic_zip) -> Path:
     params["models"]["resnet9"]["epochs"] = 1
     params["evaluate"]["bootstrap"] = 200
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # the first run's stages in this process, then `dvc commit` records them as `dvc repro` would
-    # (dvc.lock, the cache): its stage processes would import torch and timm again for seconds of
-    # work each. The pipeline through DVC is test_pipeline's; the experiment below runs through it.
+    # Each run's stages in this process, then DVC records them as `dvc repro` and `dvc exp run`
+    # would (dvc.lock, the cache, the experiment's ref): their stage processes would import torch
+    # and timm again for seconds of work each. The pipeline and experiments through DVC's own
+    # commands are test_pipeline's.
     run_stages(root, PIPELINE)
     run(["dvc", "commit", "-f", "-q"], root)
     assert "up to date" in run(["dvc", "status"], root).stdout.lower()
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "seed 0"], root)
-    run(["dvc", "exp", "run", "-n", "seed1", "-S", "train.seed=1"], root)
+    params["train"]["seed"] = 1  # as `dvc exp run -S train.seed=1` sets it
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stages(root, ("check_params", "train", "evaluate", "export"))  # what that change re-runs
+    run(["dvc", "exp", "save", "-q", "-n", "seed1"], root)  # commits the stages' outputs, then the experiment
+    assert "up to date" in run(["dvc", "status"], root).stdout.lower()
+    assert run(["dvc", "exp", "list", "--name-only"], root).stdout.split() == ["seed1"]
     return root
 
 
