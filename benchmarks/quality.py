@@ -374,7 +374,7 @@ def speed_rounds(configs: dict[str, dict], rounds: int, epochs: int, archive: Pa
 
     from hmnist.config import parse_params
     from hmnist.data import load_prepared, load_split
-    from hmnist.stages.train import train
+    from hmnist.trainer import train
 
     first = next(iter(configs.values()))
     model = first["model"]

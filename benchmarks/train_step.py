@@ -5,7 +5,7 @@
 
 The three ways, in one run on one machine, each timed over the same number of train steps:
   model     the model alone on a batch already on the device (the ceiling, as timm's benchmark)
-  pipeline  the train stage's own step (stages/train.py's `_setup` and `_train_step`, with the
+  pipeline  the train stage's own step (hmnist/trainer.py's `_setup` and `_train_step`, with the
             params' augmentation, loss, optimizer and schedule) on a uint8 cache on the device
   notebook  torchvision ImageFolder of JPEGs, PIL transforms, DataLoader workers, fp32
 and, on request, `input`: the stage's gather + augment + normalise alone, what it adds to a step
@@ -40,7 +40,7 @@ from hmnist.training import epoch_batches, param_groups
 from hmnist.models import create_model, data_config
 # the stage's own set-up and step, private to it: this benchmark is their one outside caller, and
 # tests/test_bench.py holds its steps to the stage's weights
-from hmnist.stages.train import Run, _setup, _train_step
+from hmnist.trainer import Run, _setup, _train_step
 from timing import Step, machine, measure, write_result
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic.py: test data, kept beside the tests, not in the package
 from synthetic import write_dataset  # noqa: E402

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import REPO, prepared_split, tiny_params
 from hmnist.config import parse_params
-from hmnist.stages.train import _setup, train
+from hmnist.trainer import _setup, train
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import train_step  # noqa: E402  (a script beside the other benchmarks, not a package module)

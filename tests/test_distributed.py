@@ -28,7 +28,7 @@ from hmnist.errors import UserError
 from hmnist.stages.prepare import prepare
 from hmnist.stages.split import assign_folds, split_lesions, write_split
 from hmnist.stages.train import main as train_main
-from hmnist.stages.train import train
+from hmnist.trainer import train
 
 
 def small_params(synthetic_zip, model: str, **settings):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_params
 from hmnist.config import CLASSES, parse_params
-from hmnist.stages.train import train
+from hmnist.trainer import train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -31,7 +31,7 @@ from hmnist.errors import UserError
 from hmnist.fusion import Encoding, FusedModel, drop_fields, encoded_for, fuse
 from hmnist.models import create_model, load_checkpoint, model_from_checkpoint, save_checkpoint
 from hmnist.stages.evaluate import evaluate
-from hmnist.stages.train import train
+from hmnist.trainer import train
 from synthetic import metadata_frame
 
 from conftest import TINY_ARCH, prepared_split, run, run_stages, tiny_params

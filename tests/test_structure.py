@@ -34,7 +34,7 @@ LIBRARY = {"config", "data", "models", "weights", "engine", "training", "inferen
            "calibration", "distributed", "collectives", "gpus", "selection", "errors", "cam", "runs",
            "fusion", "onnx_export", "card", "predictor", "image_files",
            "params_rules", "report_page", "gallery", "metrics_markdown",
-           "bootstrap", "onnx_model", "resume", "train_data"}
+           "bootstrap", "onnx_model", "resume", "train_data", "trainer"}
 COMMANDS = {"commands.predict", "commands.compare", "commands.report", "commands.cli"}
 # Imported by every stage, yet they cannot change any output, so editing them re-runs nothing:
 # errors.py holds only the wording of error messages, the __init__.py files only docstrings and

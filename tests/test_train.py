@@ -18,8 +18,9 @@ from hmnist.models import create_model
 from hmnist.stages.prepare import prepare
 from hmnist.stages.split import split_lesions
 from hmnist import training as training_module
-from hmnist.stages import train as train_module
-from hmnist.stages.train import train
+from hmnist import trainer
+from hmnist.stages import train as train_stage
+from hmnist.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +261,10 @@ def test_an_operating_point_without_validation_positives_stops_before_training(d
 
 
 def limit_gpu(monkeypatch, max_batch: int = 10**9, max_eval_batch: int = 10**9) -> None:
-    real_create = train_module.create_model
-    monkeypatch.setattr(train_module, "create_model",
+    real_create = trainer.create_model
+    monkeypatch.setattr(trainer, "create_model",
                         lambda config: LimitedGpu(real_create(config), max_batch, max_eval_batch))
-    monkeypatch.setattr(train_module, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
+    monkeypatch.setattr(trainer, "data_config", lambda model: {"mean": (0.5,) * 3, "std": (0.25,) * 3})
 
 
 def test_out_of_memory_falls_back_to_micro_batches(data, synthetic_zip, monkeypatch, capsys):
@@ -284,7 +285,7 @@ def test_out_of_memory_at_micro_batch_one_is_a_user_error(data, synthetic_zip, m
 def interrupt_second_epoch(monkeypatch, validations_per_epoch: int = 1):
     """Ctrl-C during the second epoch's validation, once; later calls run normally.
     Returns the real evaluate_split."""
-    real_evaluate = train_module.evaluate_split
+    real_evaluate = trainer.evaluate_split
     calls = {"n": 0}
 
     def evaluate_or_interrupt(*args, **kwargs):
@@ -293,7 +294,7 @@ def interrupt_second_epoch(monkeypatch, validations_per_epoch: int = 1):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate_split", evaluate_or_interrupt)
+    monkeypatch.setattr(trainer, "evaluate_split", evaluate_or_interrupt)
     return real_evaluate
 
 
@@ -315,7 +316,7 @@ def test_interrupted_run_resumes_to_the_same_weights(data, synthetic_zip, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train(params, images, index, split, resume_path=resume)
     assert torch.load(resume, weights_only=True)["epochs_done"] == 1  # stopped after the first epoch
-    monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
+    monkeypatch.setattr(trainer, "evaluate_split", real_evaluate)
     _, resumed = train(params, images, index, split, resume_path=resume)
     expected, got = torch.load(whole, weights_only=True), torch.load(resume, weights_only=True)
     assert got["epochs_done"] == expected["epochs_done"] == 3
@@ -442,14 +443,14 @@ def test_stage_resumes_after_ctrl_c_with_complete_curves(synthetic_zip, tmp_path
 
     interrupt_second_epoch(monkeypatch)
     with pytest.raises(SystemExit) as stopped:
-        train_module.main()
+        train_stage.main()
     assert stopped.value.code == 130
     assert not (tmp_path / "models/model.pt").exists()
     assert len(list((tmp_path / "models/.resume").iterdir())) == 1
     assert not abandoned.exists()
     assert "removed 1 resume state(s) of earlier unfinished runs with other params: 0123456789abcdef.pt" in capsys.readouterr().err
 
-    train_module.main()  # the interruption was one-off: calls 3 and 4 are epochs 2 and 3
+    train_stage.main()  # the interruption was one-off: calls 3 and 4 are epochs 2 and 3
     assert (tmp_path / "models/model.pt").exists()
     assert list((tmp_path / "models/.resume").iterdir()) == []  # finished: nothing left to resume
     curve = (tmp_path / "dvclive/plots/metrics/val/balanced_accuracy.tsv").read_text().splitlines()
@@ -510,7 +511,7 @@ def test_ema_is_validated_and_the_better_weights_are_kept(data, synthetic_zip, t
     raw = mechanics(synthetic_zip, ema_decay=0.9)
     raw["models"]["resnet9"].update(epochs=3)
     params = parse_params(raw)
-    real_evaluate, calls = train_module.evaluate_split, []
+    real_evaluate, calls = trainer.evaluate_split, []
 
     def favour_ema(model, *args):
         scores = real_evaluate(model, *args)
@@ -519,7 +520,7 @@ def test_ema_is_validated_and_the_better_weights_are_kept(data, synthetic_zip, t
             scores["balanced_accuracy"] = 10.0 + len(calls)
         return scores
 
-    monkeypatch.setattr(train_module, "evaluate_split", favour_ema)
+    monkeypatch.setattr(trainer, "evaluate_split", favour_ema)
     state = tmp_path / "state.pt"
     model, meta = train(params, images, index, split, resume_path=state)
     assert len(calls) == 6 and meta["kept_weights"] == "ema" and meta["best_epoch"] == 3
@@ -544,7 +545,7 @@ def test_select_keeps_the_chosen_epochs_weights(data, synthetic_zip, tmp_path, m
     raw = mechanics(synthetic_zip, select=select)
     raw["models"]["resnet9"].update(epochs=len(SCORES))
     params = parse_params(raw)
-    real_evaluate, calls = train_module.evaluate_split, []
+    real_evaluate, calls = trainer.evaluate_split, []
 
     def scripted(model, *args):
         scores = real_evaluate(model, *args)
@@ -552,7 +553,7 @@ def test_select_keeps_the_chosen_epochs_weights(data, synthetic_zip, tmp_path, m
         scores["balanced_accuracy"] = SCORES[(len(calls) - 1) % len(SCORES)]
         return scores
 
-    monkeypatch.setattr(train_module, "evaluate_split", scripted)
+    monkeypatch.setattr(trainer, "evaluate_split", scripted)
     model, meta = train(params, images, index, split)
     assert meta["best_epoch"] == kept and meta["val_balanced_accuracy"] == SCORES[kept - 1]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in calls[kept - 1].items())
@@ -569,7 +570,7 @@ def test_select_keeps_the_chosen_epochs_weights(data, synthetic_zip, tmp_path, m
             raise KeyboardInterrupt
         return scripted(model, *args)
 
-    monkeypatch.setattr(train_module, "evaluate_split", stop_at_fourth)
+    monkeypatch.setattr(trainer, "evaluate_split", stop_at_fourth)
     with pytest.raises(KeyboardInterrupt):
         train(params, images, index, split, resume_path=state)
     assert len(calls) == 3
@@ -584,7 +585,7 @@ def test_raw_weights_kept_when_they_validate_better(data, synthetic_zip, monkeyp
     images, index, split = data
     raw = mechanics(synthetic_zip, ema_decay=0.5)
     raw["models"]["resnet9"].update(epochs=3, lr=3e-3)
-    real_evaluate, calls = train_module.evaluate_split, []
+    real_evaluate, calls = trainer.evaluate_split, []
 
     def favour_raw(model, *args):
         scores = real_evaluate(model, *args)
@@ -593,7 +594,7 @@ def test_raw_weights_kept_when_they_validate_better(data, synthetic_zip, monkeyp
             scores["balanced_accuracy"] = -1.0
         return scores
 
-    monkeypatch.setattr(train_module, "evaluate_split", favour_raw)
+    monkeypatch.setattr(trainer, "evaluate_split", favour_raw)
     model, meta = train(parse_params(raw), images, index, split)
     assert len(calls) == 6 and meta["kept_weights"] == "raw" and meta["best_epoch"] == 3
     (raw_weights, raw_score), (ema_weights, _) = calls[-2], calls[-1]

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from hmnist.errors import UserError
+
+if TYPE_CHECKING:
+    from hmnist.config import Params
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,15 @@ class Ranks:
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous share of a global batch; shares differ by at most one."""
         return batch.tensor_split(self.world)[self.rank] if self.world > 1 else batch
+
+
+def shared_batch_size(params: Params, train_images: int, processes: int) -> int:
+    """The global batch (at most the training set), which each of `processes` needs a share of."""
+    batch_size = min(params.model_config.batch_size, train_images)
+    if batch_size < processes:
+        raise UserError(f"a batch of {batch_size} cannot be shared by {processes} processes: "
+                        f"raise models.{params.model}.batch_size or lower train.devices")
+    return batch_size
 
 
 def ranks() -> Ranks:
