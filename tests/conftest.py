@@ -43,8 +43,9 @@ def pytest_configure(config):
 # --loadscope-reorder, which pyproject.toml turns off) left the longest files, which hold one or
 # two end-to-end tests, for last, one worker running them while the other had nothing left. Longest
 # first, the short files fill in around them. A file not listed keeps its place after these.
-LONGEST_FIRST = ("test_distributed.py", "test_pipeline.py", "test_report.py", "test_export.py", "test_train.py",
-                 "test_cv.py", "test_predict.py", "test_download.py", "test_models.py", "test_metadata.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_distributed.py", "test_export.py", "test_cv.py", "test_train.py",
+                 "test_report.py", "test_predict.py", "test_download.py", "test_lite0.py", "test_metadata.py",
+                 "test_models.py", "test_hub.py")
 
 
 def pytest_collection_modifyitems(config, items):
