@@ -1,7 +1,7 @@
 """One training run over several processes: where this process stands among them (`Ranks`),
-data parallelism with batch norm synchronised over the ranks, and the collectives the train
-stage uses to agree (rank 0's validation, the sum of the ranks' losses, every rank's random
-state).
+whether a batch can be shared by them (`shared_batch_size`), data parallelism with batch norm
+synchronised over the ranks, and the collectives the train stage uses to agree (rank 0's
+validation, the sum of the ranks' losses, every rank's random state).
 
 Every worker draws the same whole batch (the same permutation and the same augmentation
 numbers) and keeps its slice of it (`Ranks.shard`), so what an epoch sees does not depend on

@@ -69,9 +69,10 @@ def _graph(checkpoints: Sequence[dict[str, Any]], sources: Sequence[str]) -> tor
             return (torch.stack([p for p, _ in outputs]).mean(0), torch.stack([c for _, c in outputs]).mean(0))
 
     graph = Graph().eval()
-    # In-place activations (timm's EfficientNets and ResNets build ReLU/ReLU6 with inplace=True)
-    # save memory in training only; the exporter's functionalisation rewrites each in-place op,
-    # which doubled the export of Lite0 (8.7 s -> 4.5 s without, the same ONNX outputs: BENCHMARKS.md).
+    # In-place activations (timm's EfficientNet-Lite builds its ReLU6 with inplace=True) save
+    # memory in training only; the exporter's functionalisation rewrites each in-place op, a
+    # third of Lite0's export (10.8 -> 7.8 s without, the same ONNX nodes and outputs:
+    # BENCHMARKS.md, "ONNX export: the stage's time").
     for module in graph.modules():
         if getattr(module, "inplace", None) is True:
             module.inplace = False

@@ -45,7 +45,7 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> None:
 def _main(params: Params, fold: int, ranks: collectives.Ranks) -> None:
     # imported here, not at the top: a launcher process (train.devices above 1) only starts the
     # workers, and the training's imports (timm, torchvision, scikit-learn, dvclive) would cost
-    # it 3.5 s of the 6 s it spends starting up (BENCHMARKS.md, "The test suite's time")
+    # it 3.7 s of the 5.9 s it spent starting up (BENCHMARKS.md, "The test suite's time")
     from dvclive import Live
 
     from hmnist.models import save_checkpoint
