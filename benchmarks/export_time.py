@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import hmnist
 from hmnist.onnx_export import export
@@ -30,8 +31,6 @@ from onnx_speed import REPO, random_checkpoint
 
 def one(name: str, size: int | None) -> float:
     """Seconds of one export of model `name`, in this process."""
-    import yaml
-
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"] = name
     with tempfile.TemporaryDirectory() as folder:

@@ -73,9 +73,9 @@ def difference(a: dict, b: dict) -> float:
 
 def test_two_processes_train_like_one(data, synthetic_zip, tmp_path):
     """A ViT in the deit entry (timm's test_vit: no batch statistics) and ResNet9's entry (timm's
-    test_resnet, synchronised batch norm), with augmentation and
-    class weights: 2 gloo processes end at the weights of 1 process with the same global batch.
-    The control, ResNet9 with each rank's batch norm on its own shard, does not.
+    test_resnet, synchronised batch norm), with augmentation and class weights: 2 gloo processes
+    end at the weights of 1 process with the same global batch. The control, ResNet9's entry
+    with each rank's batch norm on its own shard, does not.
 
     In float64: in float32 the two agree at first (the first gradients to ~1e-6), but a batch-
     norm network under Adam amplifies last-bit differences of reordered float sums step after
