@@ -43,17 +43,19 @@ def main(argv: list[str] | tuple[str, ...] = ()) -> None:
 
 
 def _main(params: Params, fold: int, ranks: collectives.Ranks) -> None:
-    # imported here, not at the top: a launcher process (train.devices above 1) only starts the
-    # workers, and the training's imports (timm, torchvision, scikit-learn, dvclive) would cost
-    # it 3.7 s of the 5.9 s it spent starting up (BENCHMARKS.md, "The test suite's time")
+    split = fold_split(load_split(), load_folds(), fold)  # this fold's images are its val split
+    out = fold_paths(fold)
+    images, index = load_prepared(PREPARED)
+    # imported here, not at the top, and after the files are read: a launcher process
+    # (train.devices above 1) only starts the workers, and a missing or mismatched input is a
+    # one-line error in a second; the training's imports (timm, torchvision, scikit-learn,
+    # dvclive) take 3.7 s of the 5.9 s this module once spent starting up (BENCHMARKS.md, "The
+    # test suite's time")
     from dvclive import Live
 
     from hmnist.models import save_checkpoint
     from hmnist.trainer import train
 
-    split = fold_split(load_split(), load_folds(), fold)  # this fold's images are its val split
-    out = fold_paths(fold)
-    images, index = load_prepared(PREPARED)
     resume_path = out.resume / f"{resume_key(params, split, images.shape)}.pt"
     if not ranks.main:  # only rank 0 writes; the others train and agree
         train(params, images, index, split, resume_path=resume_path)
