@@ -34,9 +34,12 @@ def params_for(synthetic_zip, arch=TINY_ARCH, **model):
     return parse_params(raw)
 
 
-# what ResNet9 reaches on the synthetic data in 6 epochs at 32 px, with a margin for another
-# machine's float order (measured here: see test_training_learns's printout)
-LEARNED = {"accuracy": 0.75, "balanced_accuracy": 0.7}  # measured 0.889 and 0.857
+# what the training reaches on the synthetic data's unseen lesions (chance: 1/7) with TINY_ARCH
+# in 20 epochs at 32 px, with a margin for another machine's float order: measured 0.926 and
+# 0.905 (0.889 and 0.762 at the worst of train.seed 0-2, 1 or 2 threads; see the printout). 4 s,
+# where ResNet9's 6 epochs took 17 s to reach about as much; ResNet9 learning is test_pipeline's
+LEARNED = {"accuracy": 0.75, "balanced_accuracy": 0.7}
+LEARNING = {"epochs": 20, "lr": 3e-3}
 
 
 def mechanics(synthetic_zip, **train) -> dict:
@@ -183,9 +186,8 @@ def test_training_is_repeatable_bit_for_bit(data, synthetic_zip):
 
 def test_training_learns(data, synthetic_zip):
     images, index, split = data
-    _, meta = train(params_for(synthetic_zip, "resnet9", epochs=6, lr=3e-3), images, index, split)
-    # the synthetic classes are easy: 6 epochs reach LEARNED on unseen lesions (chance: 1/7)
-    print(f"6 epochs: val accuracy {meta['val_accuracy']:.3f}, balanced {meta['val_balanced_accuracy']:.3f}")
+    _, meta = train(params_for(synthetic_zip, **LEARNING), images, index, split)
+    print(f"val accuracy {meta['val_accuracy']:.3f}, balanced {meta['val_balanced_accuracy']:.3f}")
     assert meta["val_accuracy"] > LEARNED["accuracy"] and meta["val_balanced_accuracy"] > LEARNED["balanced_accuracy"]
     assert meta["classes"] == ["mel", "nv", "bcc", "akiec", "bkl", "df", "vasc"]
     assert meta["input_size"] == 32 and meta["prepare_size"] == 32
@@ -498,11 +500,12 @@ def test_mixer_pairs_each_image_with_the_batch_reversed(mixup, cutmix):
 
 def test_mixup_training_learns(data, synthetic_zip):
     images, index, split = data
-    raw = tiny_params(synthetic_zip, "resnet9")
-    raw["models"]["resnet9"].update(epochs=6, lr=3e-3)
+    raw = tiny_params(synthetic_zip)
+    raw["models"]["resnet9"].update(**LEARNING)
     raw["train"].update(mixup=0.2, cutmix=1.0, mixup_prob=0.8)
     _, meta = train(parse_params(raw), images, index, split)
-    assert meta["val_balanced_accuracy"] > 0.4
+    # as far as without mixing (measured 0.963 and 0.952; 0.889 and 0.762 at the worst seed)
+    assert meta["val_accuracy"] > LEARNED["accuracy"] and meta["val_balanced_accuracy"] > LEARNED["balanced_accuracy"]
 
 
 def test_ema_is_validated_and_the_better_weights_are_kept(data, synthetic_zip, tmp_path, monkeypatch):
