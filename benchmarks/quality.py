@@ -179,9 +179,10 @@ def reevaluated(workdir: Path, run: dict, label: str, src: Path, edit_checkpoint
     shutil.rmtree(project, ignore_errors=True)
     (project / "models").mkdir(parents=True)
     (project / "data").symlink_to((source / "data").resolve())
-    checkpoint = torch.load(source / "models/model.pt", map_location="cpu", weights_only=True)
-    edit_checkpoint(checkpoint)
-    torch.save(checkpoint, project / "models/model.pt")
+    for path in (source / "models").glob("*.pt"):  # model.pt, and fold1.pt ... of a cv.folds run
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        edit_checkpoint(checkpoint)
+        torch.save(checkpoint, project / "models" / path.name)
     shutil.copytree(source / "dvclive", project / "dvclive")
     params = yaml.safe_load((source / "params.yaml").read_text())
     edit_params(params)
