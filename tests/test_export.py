@@ -24,6 +24,7 @@ import yaml
 from hmnist.config import CLASSES, ModelConfig
 from hmnist.errors import UserError
 from hmnist.onnx_export import TOLERANCE, check, export, reference_probs
+from hmnist.models import create_model
 from hmnist.onnx_model import CALIBRATED, INPUT, OUTPUT, OnnxModel
 from synthetic import image_folder
 
@@ -151,12 +152,73 @@ def test_an_ensemble_exports_as_one_graph():
         export([members[0], checkpoint_of("resnet9", 40)], ["model.pt", "fold1.pt"])
 
 
-def test_a_checkpoint_with_patient_metadata_is_refused():
-    """Issue 31's models read patient metadata beside the image: not exported yet, one line."""
-    checkpoint = {**checkpoint_of("resnet9", 32, tta="none"), "metadata": {"features": ["age", "sex"]}}
-    with pytest.raises(UserError, match="reads patient metadata beside the image, which the ONNX export does not "
-                                        "support yet"):
-        export([checkpoint], ["models/model.pt"])
+def metadata_checkpoint(seed: int, frame: pd.DataFrame, fields: list[str]) -> dict:
+    """An untrained ResNet9 checkpoint fused with `fields`, its encoding fitted on `frame`
+    (as a fold's on its own train rows), the metadata branch strong enough to move the output."""
+    from hmnist import fusion
+
+    checkpoint = checkpoint_of("resnet9", 32, tta="hflip", seed=seed)
+    encoding = fusion.Encoding.fit(frame, fields)
+    model = fusion.fuse(create_model(ModelConfig(arch="resnet9", resize=32, pretrained=False), pretrained=False),
+                        encoding, len(CLASSES))
+    with torch.no_grad():
+        for layer in (model.metadata[0], model.metadata[2]):
+            layer.weight.mul_(4)
+    return {**checkpoint, "metadata": encoding.to_checkpoint(), "state_dict": model.state_dict()}
+
+
+def metadata_rows(n: int, seed: int) -> pd.DataFrame:
+    """Rows with every kind of value: known and missing ages, unknown and unseen sexes and sites."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "age": rng.choice([35.0, 50.0, 72.5, np.nan, 5.0], n),
+        "sex": rng.choice(["male", "female", "unknown", "", "other"], n),
+        "localization": rng.choice(["back", "face", "trunk", "scalp", "acral", "unknown", "elbow"], n)})
+
+
+def test_a_metadata_model_exports_with_a_second_input():
+    """A metadata model's graph takes the fields as a second input, in plain units (age in
+    years, one-hot values), whatever each fold's own encoding: two folds fitted on different
+    rows (other age statistics, other sites seen, one without sex) give predict's ensemble."""
+    from hmnist.onnx_export import member_map
+    from hmnist.onnx_model import METADATA, input_encoding
+
+    train = [metadata_rows(40, 0), metadata_rows(40, 1)]
+    train[0] = train[0][train[0]["localization"] != "scalp"]  # fold 0 never saw the scalp, fold 1 did
+    members = [metadata_checkpoint(0, train[0], ["age", "sex", "localization"]),
+               metadata_checkpoint(1, train[1], ["age", "localization"])]
+    given = input_encoding(members)
+    assert given.fields == ("age", "sex", "localization") and (given.age_mean, given.age_scale) == (0.0, 1.0)
+    rows = metadata_rows(12, 2)
+    from hmnist.fusion import checkpoint_encoding
+
+    for member in members:  # each fold's encoding, from the graph's input: the same numbers
+        own = checkpoint_encoding(member)
+        weight, shift = member_map(given, own)
+        np.testing.assert_allclose(given.encode(rows) @ weight + shift, own.encode(rows), atol=1e-6)
+        np.testing.assert_allclose(given.encode(None, 3) @ weight + shift, own.encode(None, 3), atol=1e-6)
+
+    data = export(members, ["model.pt", "fold1.pt"])
+    images = np.random.default_rng(3).integers(0, 256, (12, 48, 48, 3), dtype=np.uint8)
+    assert check(data, members, images, "model.onnx", rows) <= TOLERANCE
+    assert check(data, members, images, "model.onnx") <= TOLERANCE  # every field missing
+    onnx_model = OnnxModel(data, "model.onnx")
+    assert onnx_model.encoding == given and onnx_model.members == 2
+    columns = json.loads(onnx_model.metadata["metadata_columns"])
+    assert len(columns) == given.width and columns[:2] == ["age in years (0 when unknown)", "age unknown (1 or 0)"]
+    assert "localization = scalp" in columns and "sex unknown" in columns
+    # the graph alone, as a user without hmnist feeds it; the fields move the output
+    from hmnist.augment import ModelInput
+
+    pixels = ModelInput.planes(torch.from_numpy(images), 32).permute(0, 2, 3, 1).numpy()
+    expected, _ = reference_probs(members, images, rows=rows)
+    probs, _ = onnx_model.session.run([OUTPUT, CALIBRATED], {INPUT: pixels, METADATA: given.encode(rows)})
+    np.testing.assert_allclose(probs, expected, atol=TOLERANCE)
+    missing, _ = reference_probs(members, images)
+    assert np.abs(expected - missing).max() > 1e-3
+    # a metadata ensemble with an image-only member: that member ignores the input
+    mixed = [members[0], checkpoint_of("resnet9", 32, tta="hflip", seed=2)]
+    assert check(export(mixed, ["model.pt", "fold1.pt"]), mixed, images, "model.onnx", rows) <= TOLERANCE
 
 
 # -- the stage, predict, the card -----------------------------------------------------------------

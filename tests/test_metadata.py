@@ -307,6 +307,33 @@ def test_the_removed_metadata_evaluation_is_a_stage_param(trained, tmp_path):
     assert np.abs(pd.read_csv(project / "predictions/test.csv").iloc[:, 1:8].to_numpy() - before).max() > 1e-6
 
 
+def test_the_export_stage_takes_the_metadata_and_predict_reads_it(trained, training_csv, heldout, tmp_path,
+                                                                 capsys):
+    """The export stage writes a metadata model (the fields a second graph input), checked
+    against PyTorch on the test images' own fields; `hmnist predict` with export/model.onnx
+    and --metadata gives the checkpoint's probabilities, with the fields and without them."""
+    from hmnist.onnx_export import TOLERANCE
+    from hmnist.onnx_model import OnnxModel
+
+    project = tmp_path / "project"
+    shutil.copytree(trained, project, ignore=shutil.ignore_patterns("*.zip"))
+    stdout = run_stages(project, ("export",))
+    assert "exported resnet9" in stdout
+    onnx_model = OnnxModel(project / "export/model.onnx")
+    assert onnx_model.encoding is not None and onnx_model.encoding.fields == tuple(FIELDS)
+    pt = hmnist.load(project / "models/model.pt", device="cpu")
+    exported = hmnist.load(project / "export/model.onnx", device="cpu")
+    for given in (training_csv, None):
+        expected = pt.classify(heldout, batch_size=5, metadata=given)
+        result = exported.classify(heldout, batch_size=7, metadata=given)
+        assert result.submission["image"].tolist() == expected.submission["image"].tolist()
+        for ours, theirs in ((result.submission, expected.submission), (result.calibrated, expected.calibrated)):
+            np.testing.assert_allclose(ours.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), atol=TOLERANCE)
+        pd.testing.assert_frame_equal(result.decisions, expected.decisions)
+    notices = [line for line in capsys.readouterr().err.splitlines() if "none was given" in line]
+    assert len(notices) == 2 and "model.onnx reads patient metadata (age, sex, localization)" in notices[1]
+
+
 def test_isic_archive_names_map_onto_ham10000s(trained, training_csv, heldout, capsys):
     ham = pd.read_csv(training_csv, dtype=str)
     ham = ham[ham["image_id"].isin(split_ids(trained, "test"))]

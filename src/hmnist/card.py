@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from hmnist.config import CLASSES
 from hmnist.metrics_markdown import interval, markdown_table, metric_rows, metric_tables, number
+from hmnist.onnx_model import input_encoding, metadata_columns
 
 if TYPE_CHECKING:
+    from hmnist.fusion import Encoding
     import pandas as pd
 
 CLASS_NAMES = {
@@ -73,7 +75,7 @@ def model_card(checkpoints: Sequence[dict[str, Any]], metrics: dict[str, Any], s
     out += _calibration_section(checkpoints)
     out += _operating_points_section(first.get("operating_points") or [])
     out += _limitations_section(test)
-    out += _usage_section(first, export, int(first["input_size"]))
+    out += _usage_section(first, export, int(first["input_size"]), input_encoding(checkpoints), len(checkpoints))
     out += CITATION
     return "\n".join(out)
 
@@ -285,13 +287,29 @@ def _operating_points_section(points: list[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
-def _usage_section(first: dict[str, Any], export: dict[str, Any], size: int) -> list[str]:
+def _usage_section(first: dict[str, Any], export: dict[str, Any], size: int, given: Encoding | None,
+                   members: int) -> list[str]:
+    from hmnist.data import fold_paths
+
+    # a cv.folds ensemble: every fold's checkpoint, or the PyTorch line would predict with one
+    checkpoints = " ".join(f"--checkpoint {fold_paths(k).checkpoint.as_posix()}" for k in range(members))
+    reads = "" if given is None else " --metadata meta.csv"
+    if given is None:
+        feeds, inputs = "{\"pixels\": pixels}", ""
+    else:
+        feeds = "{\"pixels\": pixels, \"metadata\": metadata}"
+        names = metadata_columns(given)
+        columns = "; ".join(f"{i}: {name}" for i, name in enumerate(names))
+        unknown = [i for i, name in enumerate(names) if "unknown" in name.split(" (")[0]]
+        inputs = (f" Its second input `metadata` is float32 [N, {given.width}], the patient's fields, a row per "
+                  f"image: {columns}. A field not known is its unknown column (age: 0 years and 1 in \"age "
+                  f"unknown\"); `hmnist predict --metadata FILE.csv` fills it from a CSV.")
     return [
         "## How to use",
         "",
         "```bash",
-        "hmnist predict --checkpoint models/model.pt images/ --out predictions.csv   # PyTorch",
-        f"hmnist predict --checkpoint {export['file']} images/ --out predictions.csv  # ONNX Runtime, the same CSV",
+        f"hmnist predict {checkpoints} images/ --out predictions.csv{reads}   # PyTorch",
+        f"hmnist predict --checkpoint {export['file']} images/ --out predictions.csv{reads}  # ONNX Runtime, the same CSV",
         "```",
         "",
         f"`{export['file']}` without hmnist: its input `pixels` is float32 [N, {size}, {size}, 3], RGB, 0..255: the "
@@ -299,7 +317,7 @@ def _usage_section(first: dict[str, Any], export: dict[str, Any], size: int) -> 
         f"decodes to {int(first['prepare_size'])}x{int(first['prepare_size'])} with PIL's bilinear filter, then "
         f"resizes that with torch's antialiased bilinear; another resize gives slightly different pixels. "
         "The normalisation, the test-time augmentation and the calibration are inside the graph; its outputs "
-        "`probabilities` and `calibrated_probabilities` are [N, 7] in the class order above.",
+        "`probabilities` and `calibrated_probabilities` are [N, 7] in the class order above." + inputs,
         "",
         "```python",
         "import numpy as np, onnxruntime as ort",
@@ -307,7 +325,10 @@ def _usage_section(first: dict[str, Any], export: dict[str, Any], size: int) -> 
         f"session = ort.InferenceSession(\"{export['file']}\")",
         f"pixels = np.asarray(Image.open(\"lesion.jpg\").convert(\"RGB\").resize(({size}, {size}), Image.BILINEAR), "
         "np.float32)[None]",
-        "probabilities, calibrated = session.run(None, {\"pixels\": pixels})",
+        *([] if given is None else [f"metadata = np.zeros((1, {given.width}), np.float32)  # a row per image, "
+                                    "the columns above", f"metadata[:, {unknown}] = 1  # every field unknown; "
+                                    "set the known ones instead"]),
+        f"probabilities, calibrated = session.run(None, {feeds})",
         "```",
         "",
         f"The export checked itself: ONNX Runtime's probabilities equal PyTorch's (fp32, CPU) within "
