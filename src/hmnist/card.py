@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+
 from hmnist.config import CLASSES
 from hmnist.metrics_markdown import interval, markdown_table, metric_rows, metric_tables, number
 from hmnist.onnx_model import input_encoding, metadata_columns
@@ -293,14 +295,12 @@ def _usage_section(first: dict[str, Any], export: dict[str, Any], size: int, giv
 
     # a cv.folds ensemble: every fold's checkpoint, or the PyTorch line would predict with one
     checkpoints = " ".join(f"--checkpoint {fold_paths(k).checkpoint.as_posix()}" for k in range(members))
-    reads = "" if given is None else " --metadata meta.csv"
     if given is None:
-        feeds, inputs = "{\"pixels\": pixels}", ""
+        reads, feeds, inputs = "", "{\"pixels\": pixels}", ""
     else:
-        feeds = "{\"pixels\": pixels, \"metadata\": metadata}"
-        names = metadata_columns(given)
-        columns = "; ".join(f"{i}: {name}" for i, name in enumerate(names))
-        unknown = [i for i, name in enumerate(names) if "unknown" in name.split(" (")[0]]
+        reads, feeds = " --metadata meta.csv", "{\"pixels\": pixels, \"metadata\": metadata}"
+        columns = "; ".join(f"{i}: {name}" for i, name in enumerate(metadata_columns(given)))
+        unknown = np.flatnonzero(given.encode(None, 1)[0]).tolist()  # a row with every field missing
         inputs = (f" Its second input `metadata` is float32 [N, {given.width}], the patient's fields, a row per "
                   f"image: {columns}. A field not known is its unknown column (age: 0 years and 1 in \"age "
                   f"unknown\"); `hmnist predict --metadata FILE.csv` fills it from a CSV.")

@@ -1,7 +1,7 @@
 """Reading an hmnist ONNX export back (onnx_export.py makes it), for `hmnist predict` and
 `hmnist.load`: its format (what the graph takes and returns, a metadata model's second input
-included, the hmnist metadata keys), the checks that a file is such an export, and ONNX Runtime running it on the CPU after the same
-decode and resize as evaluation.
+included, the hmnist metadata keys), the checks that a file is such an export, and ONNX Runtime
+running it on the CPU after the same decode and resize as evaluation.
 """
 from __future__ import annotations
 
@@ -54,8 +54,7 @@ def input_encoding(checkpoints: Sequence[dict[str, Any]]) -> Encoding | None:
     if not own:
         return None
     fields = check_fields([f for e in own for f in e.fields])  # each once, in the canonical order
-    vocabularies = tuple((f, tuple(sorted({v for e in own for g, values in e.vocabularies if g == f
-                                           for v in values})))
+    vocabularies = tuple((f, tuple(sorted({v for e in own for v in dict(e.vocabularies).get(f, ())})))
                          for f in fields if f != "age")
     return Encoding(fields, 0.0, 1.0, vocabularies)
 
@@ -63,7 +62,7 @@ def input_encoding(checkpoints: Sequence[dict[str, Any]]) -> Encoding | None:
 def metadata_columns(given: Encoding) -> list[str]:
     """What each column of the graph's metadata input holds, for a user without hmnist."""
     names = []
-    for name, columns in given.layout().items():
+    for name in given.fields:
         if name == "age":
             names += ["age in years (0 when unknown)", "age unknown (1 or 0)"]
         else:
