@@ -537,6 +537,68 @@ def test_ema_is_validated_and_the_better_weights_are_kept(data, synthetic_zip, t
     assert "val_ema/balanced_accuracy" in history[0] and "val/balanced_accuracy" in history[0]
 
 
+def recording_raw_weights(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """The weights each validation sees, in order (one per epoch without EMA, then SWA's)."""
+    real_evaluate, seen = trainer.evaluate_split, []
+
+    def recording(model, *args):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_evaluate(model, *args)
+
+    monkeypatch.setattr(trainer, "evaluate_split", recording)
+    return seen
+
+
+@pytest.mark.parametrize("metadata", [[], ["age", "sex", "localization"]])
+def test_swa_keeps_the_average_of_the_last_epochs_with_their_own_batch_norm(data, synthetic_zip, monkeypatch,
+                                                                          metadata):
+    """5 epochs of one step, the last 2 SWA: the onecycle schedule spans 3 steps (one more would
+    raise), the SWA steps run at swa_lr times the peak, and the model kept is the mean of the
+    weights after epochs 4 and 5, with BatchNorm statistics of its own over the train split."""
+    images, index, split = data
+    raw = mechanics(synthetic_zip, swa_epochs=2, swa_lr=0.5, schedule="onecycle")
+    raw["models"]["resnet9"].update(epochs=5, lr=1e-2, metadata=metadata)
+    seen = recording_raw_weights(monkeypatch)
+    state = Path(tempfile.mkdtemp()) / "state.pt"
+    model, meta = train(parse_params(raw), images, index, split, resume_path=state)
+    assert len(seen) == 6  # 5 epochs, then the average
+    assert meta["kept_weights"] == "swa" and meta["swa_epochs"] == [4, 5] and meta["best_epoch"] == 5
+    kept = model.state_dict()
+    averaged = [k for k, v in kept.items() if v.is_floating_point() and "running_" not in k]
+    assert averaged and all(torch.allclose(kept[k], (seen[3][k] + seen[4][k]) / 2, atol=1e-6) for k in averaged)
+    running = [k for k in kept if k.endswith("running_mean")]
+    assert running and not any(torch.allclose(kept[k], seen[4][k]) for k in running)  # recomputed
+    lrs = [r["lr"] for r in torch.load(state, weights_only=True)["history"]["epochs"]]
+    assert lrs[3] == lrs[4] == pytest.approx(0.5 * 1e-2) and lrs[2] != lrs[3]  # scheduled, then SWA's constant
+    assert meta["val_balanced_accuracy"] >= 0 and meta["operating_points"]  # calibrated on the average
+
+
+def test_swa_resumes_to_the_same_average(data, synthetic_zip, tmp_path, monkeypatch):
+    """Interrupted in its SWA epochs, a run resumes to the average the uninterrupted run kept."""
+    images, index, split = data
+    raw = mechanics(synthetic_zip, swa_epochs=3)
+    raw["models"]["resnet9"].update(epochs=5)
+    params = parse_params(raw)
+    whole, _ = train(params, images, index, split, resume_path=tmp_path / "whole.pt")
+    real_evaluate, calls = trainer.evaluate_split, {"n": 0}
+
+    def interrupt_at_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_split", interrupt_at_fourth)
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(params, images, index, split, resume_path=resume)
+    assert torch.load(resume, weights_only=True)["epochs_done"] == 3  # one SWA epoch averaged
+    monkeypatch.setattr(trainer, "evaluate_split", real_evaluate)
+    resumed, _ = train(params, images, index, split, resume_path=resume)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
 SCORES = [0.1, 0.9, 0.2, 0.7, 0.7, 0.3]  # best: epoch 2; 3-epoch mean: epoch 3 (0.6); last: 6
 
 

@@ -145,6 +145,12 @@ class TrainConfig:
     # images that chases noise and flatters itself) or smoothed (highest mean over the epoch and
     # its two neighbours). With EMA on, each epoch's better of raw and EMA weights is the candidate
     select: str = "last"
+    # stochastic weight averaging (torch.optim.swa_utils): the last swa_epochs of a model's epochs
+    # run after its schedule at a constant swa_lr times each group's peak rate, and the weights
+    # after each of them are averaged; the average, its BatchNorm statistics recomputed on the
+    # train split, is the model kept. 0 = off (needs select: last and no EMA)
+    swa_epochs: int = 0
+    swa_lr: float = 0.25
     # the learning-rate schedule: cosine (linear warmup over warmup_epochs, then cosine decay to
     # zero) or onecycle (PyTorch's OneCycleLR: cosine warmup from peak/25 over the same share of
     # the steps, cosine decay to peak/25e4, and Adam's beta1 cycled 0.95 -> 0.85 -> 0.95, as the

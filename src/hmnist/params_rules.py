@@ -25,6 +25,9 @@ def validate(p: Params) -> None:
         _check_model(m, f"models.{name}")
     t = p.train
     _check_train(t)
+    need(t.swa_epochs < p.model_config.epochs,
+         f"train.swa_epochs must be below models.{p.model}.epochs ({p.model_config.epochs}): the schedule runs the "
+         f"epochs before them, got {t.swa_epochs}")
     # timm's Mixup/CutMix mix images only: the metadata of the two images mixed would not follow
     need(not p.model_config.metadata or (t.mixup == 0 and t.cutmix == 0),
          f"models.{p.model}.metadata cannot be used with train.mixup or train.cutmix (they mix the images, "
@@ -92,6 +95,12 @@ def _check_train(t: TrainConfig) -> None:
     need(0 <= t.mixup_prob <= 1, f"train.mixup_prob must be between 0 and 1, got {t.mixup_prob}")
     need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {t.ema_decay}")
     need(t.select in SELECT, f"train.select must be one of {', '.join(SELECT)}, got {t.select!r}")
+    need(t.swa_epochs >= 0, f"train.swa_epochs must be >= 0 (0 = off), got {t.swa_epochs}")
+    need(t.swa_lr > 0, f"train.swa_lr must be positive (a factor of the model's peak lr), got {t.swa_lr}")
+    # the average is the model kept: no epoch to choose, and no second average beside it
+    need(t.swa_epochs == 0 or (t.select == "last" and t.ema_decay == 0),
+         f"train.swa_epochs needs train.select: last and train.ema_decay: 0 (the weight average is the model "
+         f"kept), got select {t.select}, ema_decay {t.ema_decay:g}")
     need(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {t.clip_grad}")
     need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
     need(t.clip_mode in CLIP_MODES, f"train.clip_mode must be one of {', '.join(CLIP_MODES)}, got {t.clip_mode!r}")

@@ -6,7 +6,8 @@ starts the processes).
 AdamW with linear warmup and cosine decay, augmentation on the device (and Mixup/CutMix when
 set), class imbalance handled by a weighted loss or sampler, label smoothing, optionally an
 EMA of the weights: each epoch both the raw and the EMA weights are validated and the better
-is that epoch's candidate. The checkpoint keeps the last epoch's (default), the best one's, or
+is that epoch's candidate; or a stochastic weight average (SWA) of the last epochs, which is
+then the model kept. The checkpoint keeps the last epoch's (default), the best one's, or
 the best by a 3-epoch mean of the validation score (`train.select`). After every epoch the
 full training state is saved to the resume path, so an interrupted run continues where it
 stopped. Under torchrun (hmnist.distributed, hmnist.collectives) each process trains on its
@@ -90,6 +91,7 @@ def train(params: Params, images: np.ndarray, index: pd.DataFrame, split: pd.Dat
             record["train_images_per_second"] = run.steps_per_epoch * run.batch_size / train_seconds
             _print_epoch(run, record, vals)
             run.selection.update(record, vals, run.optimisation.candidates())
+            run.optimisation.end_epoch(epoch)
             if live is not None:
                 _log(live, record)
             _save_state(run, resume_path, epoch)
@@ -235,9 +237,13 @@ def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Modul
     metadata: how the model was made."""
     params, config, history = run.params, run.config, run.selection.history
     model = run.optimisation.kept(run.selection.best_state)
-    fitted = calibrate(run, model) if run.ranks.main else {}  # only rank 0 writes the checkpoint
     best = history.record(history.best_epoch)
     prefix = "val" if history.best_weights == "raw" else "val_ema"
+    kept = {"kept_weights": history.best_weights,  # raw, ema (the moving average's), or swa
+            "val_balanced_accuracy": best[f"{prefix}/balanced_accuracy"], "val_accuracy": best[f"{prefix}/accuracy"]}
+    if run.optimisation.swa is not None and run.ranks.main:  # only rank 0 writes the checkpoint
+        model, kept = _averaged(run)
+    fitted = calibrate(run, model) if run.ranks.main else {}
     if curves is not None and run.ranks.main:
         plot_history(history, curves)
     meta = {
@@ -253,9 +259,7 @@ def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Modul
         # claim settings, such as data.source, that DVC does not re-run training for
         "params": {"model": params.model, f"models.{params.model}": asdict(config), "train": asdict(params.train)},
         "best_epoch": history.best_epoch,
-        "kept_weights": history.best_weights,  # raw, or ema: the moving average's
-        "val_balanced_accuracy": best[f"{prefix}/balanced_accuracy"],
-        "val_accuracy": best[f"{prefix}/accuracy"],
+        **kept,
         "effective_batch_size": run.batch_size,
         "micro_batches": run.optimisation.accum,
         "processes": run.ranks.world,
@@ -266,6 +270,26 @@ def _finish(run: Run, images: np.ndarray, curves: Path | None) -> tuple[nn.Modul
         **({"metadata": run.data.encoding.to_checkpoint()} if run.data.encoding is not None else {}),
     }
     return model, meta
+
+
+def _averaged(run: Run) -> tuple[nn.Module, dict[str, Any]]:
+    """The SWA model, its BatchNorm statistics taken over the train split (without
+    augmentation or metadata dropout), and its validation figures."""
+    data, optimisation = run.data, run.optimisation
+
+    def batches():
+        for rows in torch.arange(len(data.train_labels), device=data.train_labels.device).split(run.batch_size):
+            x = run.model_input(data.train_images[rows], None, None)
+            yield x if data.encoding is None else (x, data.train_metadata[rows])
+
+    model = optimisation.averaged(batches())
+    val = evaluate_split(model, data.val_images, data.val_labels, run.model_input, run.val_batch_size, run.device,
+                         data.val_metadata)
+    first = optimisation.scheduled_epochs + 1
+    log.info(f"weights averaged over epochs {first}-{run.config.epochs} (SWA): val loss {val['loss']:.4f}, "
+             f"accuracy {val['accuracy']:.4f}, balanced accuracy {val['balanced_accuracy']:.4f}")
+    return model, {"kept_weights": "swa", "swa_epochs": list(range(first, run.config.epochs + 1)),
+                   "val_balanced_accuracy": val["balanced_accuracy"], "val_accuracy": val["accuracy"]}
 
 
 def _log(live: Any, record: dict[str, float]) -> None:

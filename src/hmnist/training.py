@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from hmnist.collectives import Ranks, data_parallel
 from hmnist.config import CLASSES, Params, TrainConfig
@@ -187,22 +188,29 @@ def own(params: Params, key: str) -> Any:
 
 class Optimisation:
     """What an optimizer step changes, owned here alone: the weights and their moving average
-    (EMA), the optimizer and its schedule, and the micro-batches per batch. The resume state
-    saves and restores it whole (`state_dict`)."""
+    (EMA) or stochastic weight average (SWA), the optimizer and its schedule, and the
+    micro-batches per batch. The resume state saves and restores it whole (`state_dict`).
+
+    With `train.swa_epochs` N, the schedule spans the model's first epochs - N epochs; the last
+    N run at a constant `train.swa_lr` times each group's peak rate, and `end_epoch` adds the
+    weights after each of them to the average."""
 
     def __init__(self, params: Params, model: nn.Module, device: torch.device, ranks: Ranks, steps_per_epoch: int):
         config, tc = params.model_config, params.train
         self.params, self.model, self.device, self.ranks = params, model, device, ranks
-        self.optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay,
-                                                        own(params, "decay_all")),
-                                           lr=config.lr, fused=device.type == "cuda")
+        groups = param_groups(model, config.lr, config.weight_decay, config.layer_decay, own(params, "decay_all"))
+        self.swa_lrs = [tc.swa_lr * group["lr"] for group in groups]  # each group's own peak, scaled
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+        self.scheduled_epochs = config.epochs - tc.swa_epochs
+        self.scheduled_steps = self.scheduled_epochs * steps_per_epoch
         self.scheduler = make_scheduler(self.optimizer, own(params, "schedule"),
-                                        round(own(params, "warmup_epochs") * steps_per_epoch),
-                                        config.epochs * steps_per_epoch)
+                                        round(own(params, "warmup_epochs") * steps_per_epoch), self.scheduled_steps)
+        self.steps = 0  # optimizer steps so far: the schedule's, then SWA's
         # the model as the step calls it: wrapped by DDP, compiled when set
         step_model = data_parallel(model, device, ranks)
         self.step_model = torch.compile(step_model) if tc.compile else step_model
         self.ema = ModelEmaV3(model, decay=tc.ema_decay, use_warmup=True) if tc.ema_decay > 0 else None
+        self.swa = AveragedModel(model) if tc.swa_epochs > 0 else None
         self.accum = 1  # micro-batches per batch: doubles when the GPU runs out of memory
 
     def step(self, inputs: Callable[[torch.Tensor], Any], labels: torch.Tensor, criterion: SmoothedCrossEntropy,
@@ -225,8 +233,13 @@ class Optimisation:
         clip = own(self.params, "clip_grad")
         if clip > 0:  # after DDP's all-reduce: every rank clips the same gradient
             dispatch_clip_grad(self.model.parameters(), clip, mode=self.params.train.clip_mode)
+        if self.steps >= self.scheduled_steps:  # SWA's constant rate, after the schedule's end
+            for group, lr in zip(self.optimizer.param_groups, self.swa_lrs):
+                group["lr"] = lr
         self.optimizer.step()
-        self.scheduler.step()
+        if self.steps < self.scheduled_steps:  # OneCycleLR refuses a step past its total
+            self.scheduler.step()
+        self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
         if self.ema is not None:
             self.ema.update(self.model, step=self.scheduler.last_epoch)  # optimizer steps so far, resumed with it
@@ -248,10 +261,33 @@ class Optimisation:
               f"of {math.ceil(batch / self.accum)} and gradient accumulation (same effective batch)",
               file=sys.stderr)
 
+    def end_epoch(self, epoch: int) -> None:
+        """After epoch `epoch` (from 1): in the SWA epochs, add the weights to the average."""
+        if self.swa is not None and epoch > self.scheduled_epochs:
+            self.swa.update_parameters(self.model)
+
+    def averaged(self, batches: Iterable[Any]) -> nn.Module:
+        """The SWA model in eval mode, its BatchNorm statistics recomputed over `batches` (the
+        model's inputs: images, or (images, metadata)): averaged weights need their own
+        statistics, which neither snapshot's running ones are."""
+        # torch's update_bn passes a loader's tuples on as their first item only, which would
+        # drop a metadata model's second input: each batch goes in a dict, unpacked here
+        class Unpack(nn.Module):
+            def __init__(self, model: nn.Module):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x: dict[str, Any]) -> torch.Tensor:
+                return self.model(*x["inputs"])
+
+        module = self.swa.module
+        update_bn(({"inputs": x if isinstance(x, tuple) else (x,)} for x in batches), Unpack(module))
+        return module.eval()
+
     @property
     def lr(self) -> float:
         """The learning rate of the last step (the first group's)."""
-        return self.scheduler.get_last_lr()[0]
+        return self.optimizer.param_groups[0]["lr"]
 
     def candidates(self) -> dict[str, nn.Module]:
         """The weight sets to validate: the trained ones, and their moving average when there is one."""
@@ -265,8 +301,9 @@ class Optimisation:
     def state_dict(self) -> dict[str, Any]:
         """Its part of the resume state, under the resume file's keys."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "accum": self.accum,
-                "ema": self.ema.state_dict() if self.ema is not None else None}
+                "scheduler": self.scheduler.state_dict(), "accum": self.accum, "steps": self.steps,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "swa": self.swa.state_dict() if self.swa is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -274,4 +311,7 @@ class Optimisation:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.swa is not None:
+            self.swa.load_state_dict(state["swa"])
         self.accum = state["accum"]
+        self.steps = state.get("steps", self.scheduler.last_epoch)  # resume files from before SWA lack it
