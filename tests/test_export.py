@@ -367,6 +367,14 @@ def test_the_model_card_numbers_are_metrics_json(trained):
         assert fact in card, fact
 
 
+def test_the_card_names_the_weights_kept():
+    """An epoch's weights (raw or EMA) by their epoch; SWA's by the epochs averaged."""
+    from hmnist.card import _kept
+    assert _kept({"kept_weights": "ema", "best_epoch": 3}, {"epochs": 8}) == "epoch 3 of 8 (ema weights)"
+    swa = {"kept_weights": "swa", "best_epoch": 12, "swa_epochs": [9, 10, 11, 12]}
+    assert _kept(swa, {"epochs": 12}) == "the average of epochs 9-12 of 12 (SWA weights)"
+
+
 # -- the DVC model artifacts ------------------------------------------------------------------------
 
 def test_dvc_declares_the_model_artifacts(tmp_path):

@@ -113,6 +113,15 @@ def weights_origin(config: dict[str, Any]) -> str:
     return f"timm's ImageNet weights from {where}, then fine-tuned; the 1000-class head replaced by a 7-class one"
 
 
+def _kept(first: dict[str, Any], config: dict[str, Any]) -> str:
+    """Which weights the train stage kept: an epoch's (raw or EMA), or SWA's average of epochs."""
+    epochs = config.get("epochs", "n/a")
+    if first.get("kept_weights") == "swa":
+        averaged = first["swa_epochs"]
+        return f"the average of epochs {averaged[0]}-{averaged[-1]} of {epochs} (SWA weights)"
+    return f"epoch {first.get('best_epoch', 'n/a')} of {epochs} ({first.get('kept_weights', 'raw')} weights)"
+
+
 def _yaml(value: Any) -> str:
     import yaml
 
@@ -137,8 +146,7 @@ def _details_section(checkpoints: Sequence[dict[str, Any]], export: dict[str, An
         f"- **Architecture**: timm `{first['arch']}` (the `{first['model_name']}` entry of params.yaml), "
         f"{parameters:,} parameters, input {size}x{size} RGB.",
         f"- **Weights' origin**: {weights_origin(config)}.",
-        f"- **Training**: hmnist's train stage kept epoch {first.get('best_epoch', 'n/a')} of "
-        f"{config.get('epochs', 'n/a')} ({first.get('kept_weights', 'raw')} weights); validation balanced accuracy "
+        f"- **Training**: hmnist's train stage kept {_kept(first, config)}; validation balanced accuracy "
         f"{number(first.get('val_balanced_accuracy'))}.",
         f"- **Test-time augmentation**: `{tta}`"
         + ("" if tta == "none" else " (its views' probabilities averaged, inside the ONNX graph too)") + ".",

@@ -68,6 +68,7 @@ def _main(params: Params, fold: int, ranks: collectives.Ranks) -> None:
         model, meta = train(params, images, index, split, resume_path=resume_path, live=live, curves=out.curves)
         live.summary["best/epoch"] = meta["best_epoch"]
         live.summary["best/ema"] = int(meta["kept_weights"] == "ema")  # 1: the EMA weights were kept
+        live.summary["best/swa"] = int(meta["kept_weights"] == "swa")  # 1: the weight average (SWA) was kept
         live.summary["best/val_balanced_accuracy"] = meta["val_balanced_accuracy"]
         live.summary["best/val_accuracy"] = meta["val_accuracy"]
         live.summary["calibration/val_nll_uncalibrated"] = meta["val_nll_uncalibrated"]
