@@ -279,7 +279,7 @@ def _averaged(run: Run) -> tuple[nn.Module, dict[str, Any]]:
 
     def batches():
         for rows in torch.arange(len(data.train_labels), device=data.train_labels.device).split(run.batch_size):
-            x = run.model_input(data.train_images[rows], None, None)
+            x = run.model_input(data.train_images[rows])  # not augmented
             yield x if data.encoding is None else (x, data.train_metadata[rows])
 
     model = optimisation.averaged(batches())

@@ -186,6 +186,18 @@ def own(params: Params, key: str) -> Any:
     return getattr(params.train, key) if value is None else value
 
 
+class _Unpacked(nn.Module):
+    """`model` called with a dict's "inputs" unpacked: torch's update_bn passes a loader's tuples
+    on as their first item only, which would drop a metadata model's second input."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model(*batch["inputs"])
+
+
 class Optimisation:
     """What an optimizer step changes, owned here alone: the weights and their moving average
     (EMA) or stochastic weight average (SWA), the optimizer and its schedule, and the
@@ -205,7 +217,6 @@ class Optimisation:
         self.scheduled_steps = self.scheduled_epochs * steps_per_epoch
         self.scheduler = make_scheduler(self.optimizer, own(params, "schedule"),
                                         round(own(params, "warmup_epochs") * steps_per_epoch), self.scheduled_steps)
-        self.steps = 0  # optimizer steps so far: the schedule's, then SWA's
         # the model as the step calls it: wrapped by DDP, compiled when set
         step_model = data_parallel(model, device, ranks)
         self.step_model = torch.compile(step_model) if tc.compile else step_model
@@ -233,13 +244,15 @@ class Optimisation:
         clip = own(self.params, "clip_grad")
         if clip > 0:  # after DDP's all-reduce: every rank clips the same gradient
             dispatch_clip_grad(self.model.parameters(), clip, mode=self.params.train.clip_mode)
-        if self.steps >= self.scheduled_steps:  # SWA's constant rate, after the schedule's end
+        # the scheduler counts its own steps (resumed with it) and stops at the schedule's end:
+        # OneCycleLR refuses a step past its total. After it, SWA's constant rate
+        scheduled = self.scheduler.last_epoch < self.scheduled_steps
+        if not scheduled:
             for group, lr in zip(self.optimizer.param_groups, self.swa_lrs):
                 group["lr"] = lr
         self.optimizer.step()
-        if self.steps < self.scheduled_steps:  # OneCycleLR refuses a step past its total
+        if scheduled:
             self.scheduler.step()
-        self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients now, not at the next step
         if self.ema is not None:
             self.ema.update(self.model, step=self.scheduler.last_epoch)  # optimizer steps so far, resumed with it
@@ -270,18 +283,8 @@ class Optimisation:
         """The SWA model in eval mode, its BatchNorm statistics recomputed over `batches` (the
         model's inputs: images, or (images, metadata)): averaged weights need their own
         statistics, which neither snapshot's running ones are."""
-        # torch's update_bn passes a loader's tuples on as their first item only, which would
-        # drop a metadata model's second input: each batch goes in a dict, unpacked here
-        class Unpack(nn.Module):
-            def __init__(self, model: nn.Module):
-                super().__init__()
-                self.model = model
-
-            def forward(self, x: dict[str, Any]) -> torch.Tensor:
-                return self.model(*x["inputs"])
-
         module = self.swa.module
-        update_bn(({"inputs": x if isinstance(x, tuple) else (x,)} for x in batches), Unpack(module))
+        update_bn(({"inputs": x if isinstance(x, tuple) else (x,)} for x in batches), _Unpacked(module))
         return module.eval()
 
     @property
@@ -301,7 +304,7 @@ class Optimisation:
     def state_dict(self) -> dict[str, Any]:
         """Its part of the resume state, under the resume file's keys."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "accum": self.accum, "steps": self.steps,
+                "scheduler": self.scheduler.state_dict(), "accum": self.accum,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "swa": self.swa.state_dict() if self.swa is not None else None}
 
@@ -314,4 +317,3 @@ class Optimisation:
         if self.swa is not None:
             self.swa.load_state_dict(state["swa"])
         self.accum = state["accum"]
-        self.steps = state.get("steps", self.scheduler.last_epoch)  # resume files from before SWA lack it
