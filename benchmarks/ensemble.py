@@ -19,7 +19,7 @@ import numpy as np
 
 from hmnist.config import CLASS_COLUMNS, CLASSES
 from hmnist.metrics import compute_metrics
-from hmnist.runs import check_same_test_set, read_run
+from hmnist.runs import read_recipe
 
 
 def main() -> None:
@@ -28,9 +28,7 @@ def main() -> None:
     ap.add_argument("--out", help="write the averaged predictions here (CSV, the inputs' format)")
     args = ap.parse_args()
 
-    frames = [read_run(path) for path in args.predictions]  # sorted by image, checked
-    for path, frame in zip(args.predictions[1:], frames[1:]):
-        check_same_test_set(frames[0], frame, args.predictions[0], path)
+    frames = read_recipe(args.predictions)  # each sorted by image and checked; one test set
     mean = frames[0].copy()
     mean[CLASS_COLUMNS] = np.mean([f[CLASS_COLUMNS].to_numpy(dtype=np.float64) for f in frames], axis=0)
     labels = mean["dx"].map(CLASSES.index).to_numpy()
